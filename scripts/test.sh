@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The one test command: on a fresh machine with only the Rust toolchain it
+# installs and starts the test services (PostgreSQL, Redis, OPA-compatible
+# server; see scripts/services.sh), then runs fmt, clippy and all tests.
+# Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/services.sh start
+# Captured first so a failing `env` stops the script (a failed command
+# substitution inside `eval "$(...)"` would be silently ignored).
+service_env=$(scripts/services.sh env)
+eval "$service_env"
+export CASF_TEST_PG_DSN CASF_TEST_REDIS_URL CASF_TEST_OPA_URL \
+  CASF_TEST_PG_BIN CASF_TEST_REDIS_SERVER CASF_TEST_PYTHON
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets "$@"

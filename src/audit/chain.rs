@@ -1,0 +1,208 @@
+//! The hash chain rule (guide §8) and its verifier.
+//!
+//! `hash(N)` is the hex SHA-256 of the plain concatenation of `request_id`,
+//! `event_id`, `ts`, `actor`, `action`, `decision`, `canonical_json(payload)`
+//! and `hash(N-1)`, with `""` before the first event. Everything here works
+//! from stored columns alone.
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use super::{NewEvent, StoredEvent};
+use crate::canonical;
+
+/// The `ts` text form that enters the hash.
+pub fn format_ts(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// The chain hash of `event` after `prev_hash`.
+pub fn event_hash(event: &NewEvent, prev_hash: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        event.request_id.as_str(),
+        event.event_id.as_str(),
+        event.ts.as_str(),
+        event.actor.as_str(),
+        event.action.as_str(),
+        event.decision.as_str(),
+    ] {
+        hasher.update(part.as_bytes());
+    }
+    hasher.update(canonical::to_string(&event.payload).as_bytes());
+    hasher.update(prev_hash.as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// Hashes for `events` appended in order after `head` (`""` at genesis).
+pub fn link(head: &str, events: &[NewEvent]) -> Vec<(String, String)> {
+    let mut prev = head.to_owned();
+    events
+        .iter()
+        .map(|event| {
+            let hash = event_hash(event, &prev);
+            let link = (prev.clone(), hash.clone());
+            prev = hash;
+            link
+        })
+        .collect()
+}
+
+/// The first place where the chain does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    pub id: i64,
+    pub event_id: String,
+    pub reason: &'static str,
+}
+
+/// Walks events in id order and finds the first break.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    expected_prev: Option<String>,
+    pub count: u64,
+    pub first_hash: Option<String>,
+    pub last_hash: Option<String>,
+    pub first_break: Option<ChainBreak>,
+}
+
+impl ChainVerifier {
+    /// `expected_prev` is the hash the first event must link to: `Some("")`
+    /// from genesis, or `None` to look it up lazily (see [`Self::needs_anchor`]).
+    pub fn new(expected_prev: Option<String>) -> Self {
+        ChainVerifier {
+            expected_prev,
+            count: 0,
+            first_hash: None,
+            last_hash: None,
+            first_break: None,
+        }
+    }
+
+    /// True until the first event's predecessor hash is known.
+    pub fn needs_anchor(&self) -> bool {
+        self.expected_prev.is_none()
+    }
+
+    pub fn anchor(&mut self, prev: String) {
+        self.expected_prev = Some(prev);
+    }
+
+    pub fn push(&mut self, stored: &StoredEvent) {
+        self.count += 1;
+        if self.first_hash.is_none() {
+            self.first_hash = Some(stored.hash.clone());
+        }
+        if self.first_break.is_none() {
+            let expected_prev = self.expected_prev.as_deref().unwrap_or("");
+            let reason = if stored.prev_hash != expected_prev {
+                Some("prev_hash does not match the previous event's hash")
+            } else if event_hash(&stored.event, &stored.prev_hash) != stored.hash {
+                Some("hash does not match the recomputed hash of the stored columns")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.first_break = Some(ChainBreak {
+                    id: stored.id,
+                    event_id: stored.event.event_id.clone(),
+                    reason,
+                });
+            }
+        }
+        self.expected_prev = Some(stored.hash.clone());
+        self.last_hash = Some(stored.hash.clone());
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.first_break.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(n: u32) -> NewEvent {
+        NewEvent {
+            request_id: format!("r{n}"),
+            event_id: format!("e{n}"),
+            ts: "2026-02-09T10:00:00.000000Z".into(),
+            actor: "role:nurse".into(),
+            action: "twilio.send_sms".into(),
+            decision: "ALLOW".into(),
+            payload: json!({"b": n, "a": "é"}),
+        }
+    }
+
+    fn stored(head: &str, events: Vec<NewEvent>) -> Vec<StoredEvent> {
+        let links = link(head, &events);
+        events
+            .into_iter()
+            .zip(links)
+            .enumerate()
+            .map(|(i, (event, (prev_hash, hash)))| StoredEvent {
+                id: i as i64 + 1,
+                event,
+                prev_hash,
+                hash,
+            })
+            .collect()
+    }
+
+    fn verify(events: &[StoredEvent]) -> ChainVerifier {
+        let mut v = ChainVerifier::new(Some(String::new()));
+        events.iter().for_each(|e| v.push(e));
+        v
+    }
+
+    #[test]
+    fn hash_matches_the_plain_concatenation() {
+        let e = event(1);
+        let concat = format!(
+            "r1e12026-02-09T10:00:00.000000Zrole:nursetwilio.send_smsALLOW{}prev",
+            r#"{"a":"é","b":1}"#
+        );
+        assert_eq!(
+            event_hash(&e, "prev"),
+            hex::encode(Sha256::digest(concat.as_bytes()))
+        );
+    }
+
+    #[test]
+    fn a_linked_chain_verifies() {
+        let chain = stored("", (1..=5).map(event).collect());
+        let v = verify(&chain);
+        assert!(v.is_valid());
+        assert_eq!(v.count, 5);
+        assert_eq!(v.last_hash.as_deref(), Some(chain[4].hash.as_str()));
+    }
+
+    #[test]
+    fn tampered_payload_deleted_row_and_swapped_hashes_are_caught() {
+        let chain = stored("", (1..=5).map(event).collect());
+
+        let mut tampered = chain.clone();
+        tampered[2].event.payload = json!({"b": 99});
+        assert_eq!(verify(&tampered).first_break.unwrap().id, 3);
+
+        let mut deleted = chain.clone();
+        deleted.remove(2);
+        assert_eq!(verify(&deleted).first_break.unwrap().id, 4);
+
+        let mut swapped = chain.clone();
+        let h = swapped[1].hash.clone();
+        swapped[1].hash = swapped[3].hash.clone();
+        swapped[3].hash = h;
+        assert_eq!(verify(&swapped).first_break.unwrap().id, 2);
+    }
+
+    #[test]
+    fn ts_has_microseconds_and_z() {
+        let at = DateTime::parse_from_rfc3339("2026-02-09T10:00:00.5+00:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(format_ts(at), "2026-02-09T10:00:00.500000Z");
+    }
+}

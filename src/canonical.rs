@@ -1,0 +1,123 @@
+//! Canonical JSON: the one byte form that fingerprints and audit hashes use.
+//!
+//! Keys sorted by code point, no insignificant whitespace, UTF-8 left
+//! unescaped (as Python's `json.dumps(sort_keys=True, separators=(",", ":"),
+//! ensure_ascii=False)`). Keys are sorted here rather than trusting
+//! `serde_json::Map`'s order, which a dependency's `preserve_order` feature
+//! could silently change.
+//!
+//! Numbers are written so that a PostgreSQL `JSONB` round trip gives the same
+//! bytes again: integers as integers, floats in their shortest round-trip form,
+//! and `-0.0` as `0.0` (JSONB's numeric has no negative zero).
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Canonical JSON text of `value`.
+pub fn to_string(value: &Value) -> String {
+    let mut out = String::with_capacity(256);
+    write_value(&mut out, value);
+    out
+}
+
+/// SHA-256 hex of the canonical JSON of `value`.
+pub fn sha256_hex(value: &Value) -> String {
+    hex::encode(Sha256::digest(to_string(value).as_bytes()))
+}
+
+fn write_value(out: &mut String, value: &Value) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => write_number(out, n),
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_str(out, key);
+                out.push(':');
+                write_value(out, item);
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn write_number(out: &mut String, n: &serde_json::Number) {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f == 0.0 => out.push_str("0.0"),
+        _ => out.push_str(&n.to_string()),
+    }
+}
+
+fn write_str(out: &mut String, s: &str) {
+    // serde_json escapes only `"`, `\` and control characters, leaving other
+    // UTF-8 as is, which is exactly the canonical form.
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Serialising a &str cannot fail; keep a total function regardless.
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sorts_keys_recursively_and_drops_whitespace() {
+        let v = json!({"b": 1, "a": {"z": [1, 2], "y": "x"}});
+        assert_eq!(to_string(&v), r#"{"a":{"y":"x","z":[1,2]},"b":1}"#);
+    }
+
+    #[test]
+    fn leaves_unicode_unescaped_and_escapes_controls() {
+        let v = json!({"name": "Zoë 東京", "nl": "a\nb\u{1}"});
+        assert_eq!(
+            to_string(&v),
+            "{\"name\":\"Zoë 東京\",\"nl\":\"a\\nb\\u0001\"}"
+        );
+    }
+
+    #[test]
+    fn numbers_survive_a_reparse() {
+        for text in [
+            "1",
+            "-7",
+            "1.5",
+            "0.1",
+            "1e20",
+            "1.0",
+            "123456789012345678901234567890",
+            "-0.0",
+        ] {
+            let v: Value = serde_json::from_str(text).unwrap();
+            let once = to_string(&v);
+            let again = to_string(&serde_json::from_str(&once).unwrap());
+            assert_eq!(once, again, "{text}");
+        }
+        assert_eq!(to_string(&json!(-0.0)), "0.0");
+    }
+
+    #[test]
+    fn key_order_is_by_code_point() {
+        let v = json!({"é": 1, "z": 2, "A": 3});
+        assert_eq!(to_string(&v), r#"{"A":3,"z":2,"é":1}"#);
+    }
+}

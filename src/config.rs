@@ -1,0 +1,332 @@
+//! Typed configuration from the environment (guide §2 plus this project's
+//! `CASF_*` extensions). A variable that is unset selects the embedded
+//! backend; one that is set but invalid refuses to start, naming the variable.
+//! Values that may hold secrets are never echoed back in errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::state::DEFAULT_PENDING_TTL;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        reason: reason.into(),
+    }
+}
+
+/// Where policy is evaluated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyBackend {
+    /// `regorus`, loading every `.rego` in the directory.
+    Embedded { dir: PathBuf },
+    /// An OPA server's REST API at this base URL.
+    Opa { url: String },
+}
+
+/// Where anti-replay and rate-limit state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateBackend {
+    Memory,
+    Redis { url: String },
+}
+
+/// Where the audit trail is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditBackend {
+    Sqlite { path: PathBuf },
+    Postgres { dsn: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub http_addr: SocketAddr,
+    pub policy: PolicyBackend,
+    pub state: StateBackend,
+    pub audit: AuditBackend,
+    /// `CASF_DISABLE_AUDIT=1`: no audit writes at all (tests only).
+    pub audit_disabled: bool,
+    pub anti_replay_enabled: bool,
+    pub anti_replay_ttl: Duration,
+    /// Lifetime of a claim whose decision was never stored.
+    pub pending_ttl: Duration,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            match lookup(var) {
+                Some(value) if value.trim().is_empty() => Err(invalid(
+                    var,
+                    "is set but empty; unset it for the embedded default",
+                )),
+                other => Ok(other),
+            }
+        };
+        let http_addr = match get("CASF_HTTP_ADDR")? {
+            Some(raw) => raw.parse().map_err(|_| {
+                invalid("CASF_HTTP_ADDR", format!("expected HOST:PORT, got {raw:?}"))
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], 8000)),
+        };
+        let policy = match get("OPA_URL")? {
+            Some(url) => PolicyBackend::Opa {
+                url: parse_http_url("OPA_URL", &url)?,
+            },
+            None => PolicyBackend::Embedded {
+                dir: get("CASF_POLICY_DIR")?
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("policies")),
+            },
+        };
+        let state = match get("REDIS_URL")? {
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                StateBackend::Redis { url }
+            }
+            Some(_) => return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL")),
+            None => StateBackend::Memory,
+        };
+        let audit = match get("PG_DSN")? {
+            Some(dsn) => AuditBackend::Postgres { dsn },
+            None => AuditBackend::Sqlite {
+                path: get("CASF_AUDIT_SQLITE")?
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("data/casf-audit.db")),
+            },
+        };
+        Ok(Settings {
+            http_addr,
+            policy,
+            state,
+            audit,
+            audit_disabled: parse_bool("CASF_DISABLE_AUDIT", get("CASF_DISABLE_AUDIT")?, false)?,
+            anti_replay_enabled: parse_bool(
+                "ANTI_REPLAY_ENABLED",
+                get("ANTI_REPLAY_ENABLED")?,
+                true,
+            )?,
+            anti_replay_ttl: parse_seconds(
+                "ANTI_REPLAY_TTL_SECONDS",
+                get("ANTI_REPLAY_TTL_SECONDS")?,
+                Duration::from_secs(86_400),
+            )?,
+            pending_ttl: parse_seconds(
+                "CASF_REPLAY_PENDING_TTL_SECONDS",
+                get("CASF_REPLAY_PENDING_TTL_SECONDS")?,
+                DEFAULT_PENDING_TTL,
+            )?,
+        })
+    }
+
+    /// Secret fragments of the configuration (passwords in DSNs and URLs),
+    /// to be masked in anything shown to operators.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        if let AuditBackend::Postgres { dsn } = &self.audit {
+            secrets.extend(secret_of(dsn));
+        }
+        if let StateBackend::Redis { url } = &self.state {
+            secrets.extend(secret_of(url));
+        }
+        if let PolicyBackend::Opa { url } = &self.policy {
+            secrets.extend(secret_of(url));
+        }
+        secrets
+    }
+
+    /// One line naming the backend of each concern, for the startup log.
+    pub fn describe_backends(&self) -> String {
+        let policy = match &self.policy {
+            PolicyBackend::Embedded { dir } => format!("embedded regorus ({})", dir.display()),
+            PolicyBackend::Opa { url } => format!("OPA REST ({})", redact_url(url)),
+        };
+        let state = match &self.state {
+            StateBackend::Memory => "in-process memory".to_owned(),
+            StateBackend::Redis { url } => format!("Redis ({})", redact_url(url)),
+        };
+        let audit = match (&self.audit, self.audit_disabled) {
+            (_, true) => "DISABLED (CASF_DISABLE_AUDIT=1, never in production)".to_owned(),
+            (AuditBackend::Sqlite { path }, false) => format!("SQLite ({})", path.display()),
+            (AuditBackend::Postgres { .. }, false) => "PostgreSQL (PG_DSN)".to_owned(),
+        };
+        let replay = if self.anti_replay_enabled {
+            format!("on, ttl {}s", self.anti_replay_ttl.as_secs())
+        } else {
+            "off".to_owned()
+        };
+        format!("policy={policy} state={state} audit={audit} anti_replay={replay}")
+    }
+}
+
+fn parse_bool(var: &'static str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(
+            var,
+            format!("expected true/1/yes or false/0/no, got {raw:?}"),
+        )),
+    }
+}
+
+fn parse_seconds(
+    var: &'static str,
+    raw: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(invalid(
+            var,
+            format!("expected a positive whole number of seconds, got {raw:?}"),
+        )),
+    }
+}
+
+fn parse_http_url(var: &'static str, raw: &str) -> Result<String, ConfigError> {
+    if !(raw.starts_with("http://") || raw.starts_with("https://")) {
+        return Err(invalid(var, "expected an http:// or https:// URL"));
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+/// The password in `scheme://user:password@host` or a libpq `password=...` pair.
+fn secret_of(dsn: &str) -> Option<String> {
+    if let Some(rest) = dsn.split_once("://").map(|(_, rest)| rest) {
+        let userinfo = rest.split_once('@')?.0;
+        let password = userinfo.split_once(':')?.1;
+        return (!password.is_empty()).then(|| password.to_owned());
+    }
+    dsn.split_whitespace()
+        .find_map(|pair| pair.strip_prefix("password="))
+        .map(|p| p.trim_matches('\'').to_owned())
+        .filter(|p| !p.is_empty())
+}
+
+/// `url` with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match secret_of(url) {
+        Some(secret) => url.replace(&secret, "***"),
+        None => url.to_owned(),
+    }
+}
+
+/// Masks configured secrets in text shown to operators (logs, `/healthz`).
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+impl Redactor {
+    pub fn new(secrets: Vec<String>) -> Self {
+        Redactor { secrets }
+    }
+
+    pub fn redact(&self, text: &str) -> String {
+        self.secrets.iter().fold(text.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), "***")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn unset_means_embedded() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(
+            s.policy,
+            PolicyBackend::Embedded {
+                dir: "policies".into()
+            }
+        );
+        assert_eq!(s.state, StateBackend::Memory);
+        assert_eq!(
+            s.audit,
+            AuditBackend::Sqlite {
+                path: "data/casf-audit.db".into()
+            }
+        );
+        assert!(s.anti_replay_enabled);
+        assert_eq!(s.anti_replay_ttl, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        assert_eq!(
+            settings(&[("ANTI_REPLAY_TTL_SECONDS", "abc")])
+                .unwrap_err()
+                .var,
+            "ANTI_REPLAY_TTL_SECONDS"
+        );
+        assert_eq!(
+            settings(&[("ANTI_REPLAY_ENABLED", "maybe")])
+                .unwrap_err()
+                .var,
+            "ANTI_REPLAY_ENABLED"
+        );
+        assert_eq!(
+            settings(&[("CASF_HTTP_ADDR", "nowhere")]).unwrap_err().var,
+            "CASF_HTTP_ADDR"
+        );
+        assert_eq!(settings(&[("PG_DSN", "")]).unwrap_err().var, "PG_DSN");
+        assert_eq!(
+            settings(&[("OPA_URL", "opa:8181")]).unwrap_err().var,
+            "OPA_URL"
+        );
+    }
+
+    #[test]
+    fn secrets_are_found_and_never_echoed() {
+        let s = settings(&[
+            ("PG_DSN", "dbname=casf user=casf password=S3cret host=pg"),
+            ("REDIS_URL", "redis://:r3dis@redis:6379/0"),
+            ("OPA_URL", "http://u:0pa@opa:8181/"),
+        ])
+        .unwrap();
+        assert_eq!(s.secrets(), vec!["S3cret", "r3dis", "0pa"]);
+        let line = s.describe_backends();
+        assert!(
+            !line.contains("S3cret") && !line.contains("r3dis") && !line.contains("0pa"),
+            "{line}"
+        );
+        let err = settings(&[("REDIS_URL", "http://:pw@x")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("pw"));
+        assert_eq!(
+            Redactor::new(s.secrets()).redact("auth failed for S3cret"),
+            "auth failed for ***"
+        );
+        assert_eq!(
+            secret_of("postgres://casf:pw@127.0.0.1/casf").as_deref(),
+            Some("pw")
+        );
+    }
+}

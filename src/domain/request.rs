@@ -1,0 +1,389 @@
+//! `POST /verify` request body, parsed rather than validated.
+//!
+//! Every door (HTTP JSON, Envoy `CheckRequest`) ends in [`VerifyRequest::from_value`],
+//! so a malformed call is rejected the same way whichever way it came in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::{Map, Value, json};
+
+/// Longest accepted `request_id`, in characters.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
+const FIELDS: [&str; 7] = [
+    "request_id",
+    "tool",
+    "mode",
+    "role",
+    "subject",
+    "args",
+    "context",
+];
+
+/// Why a request body is not a tool call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Schema failure: answered with 422 and the field's name.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// A tool that is about a patient came without one: answered with 400.
+    #[error("subject.patient_id required")]
+    MissingPatientId,
+}
+
+impl RequestError {
+    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        RequestError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// HTTP status a door answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RequestError::Invalid { .. } => 422,
+            RequestError::MissingPatientId => 400,
+        }
+    }
+
+    /// The JSON error body: `detail` always, plus `field` and `reason` for schema failures.
+    pub fn body(&self) -> Value {
+        match self {
+            RequestError::Invalid { field, reason } => {
+                json!({"detail": self.to_string(), "field": field, "reason": reason})
+            }
+            RequestError::MissingPatientId => json!({"detail": self.to_string()}),
+        }
+    }
+
+    /// The field at fault.
+    pub fn field(&self) -> &str {
+        match self {
+            RequestError::Invalid { field, .. } => field,
+            RequestError::MissingPatientId => "subject.patient_id",
+        }
+    }
+}
+
+/// Idempotency key: 1..=128 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn parse(raw: &str) -> Result<Self, RequestError> {
+        let chars = raw.chars().count();
+        if chars == 0 || chars > MAX_REQUEST_ID_CHARS {
+            return Err(RequestError::invalid(
+                "request_id",
+                format!("must be 1..={MAX_REQUEST_ID_CHARS} characters, got {chars}"),
+            ));
+        }
+        Ok(RequestId(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Declares a closed string enum with its wire names.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident, $field:literal { $($variant:ident => $wire:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $wire),+ }
+            }
+
+            pub fn parse(raw: &str) -> Result<Self, RequestError> {
+                match raw {
+                    $($wire => Ok($name::$variant),)+
+                    other => Err(RequestError::invalid(
+                        $field,
+                        format!("unknown value {other:?}, expected one of: {}", [$($wire),+].join(", ")),
+                    )),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// The six clinic tools the verifier knows.
+    Tool, "tool" {
+        CreateAppointment => "cliniccloud.create_appointment",
+        CancelAppointment => "cliniccloud.cancel_appointment",
+        SendSms => "twilio.send_sms",
+        GenerateInvoice => "stripe.generate_invoice",
+        ListAppointments => "cliniccloud.list_appointments",
+        SummaryHistory => "cliniccloud.summary_history",
+    }
+);
+
+impl Tool {
+    /// Writes fail closed and are barred in READ_ONLY and KILL_SWITCH.
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            Tool::CreateAppointment
+                | Tool::CancelAppointment
+                | Tool::SendSms
+                | Tool::GenerateInvoice
+        )
+    }
+
+    /// Every tool in the contract is about one patient.
+    pub fn needs_patient_id(self) -> bool {
+        true
+    }
+}
+
+wire_enum!(
+    /// Operational mode set by the caller's control plane.
+    Mode, "mode" {
+        Allow => "ALLOW",
+        StepUp => "STEP_UP",
+        ReadOnly => "READ_ONLY",
+        KillSwitch => "KILL_SWITCH",
+    }
+);
+
+wire_enum!(
+    /// The caller's role.
+    Role, "role" {
+        Receptionist => "receptionist",
+        Nurse => "nurse",
+        Doctor => "doctor",
+        Billing => "billing",
+        Custodian => "custodian",
+        System => "system",
+    }
+);
+
+/// One tool call the agent wants to make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyRequest {
+    pub request_id: RequestId,
+    pub tool: Tool,
+    pub mode: Mode,
+    pub role: Role,
+    pub subject: BTreeMap<String, String>,
+    pub args: Map<String, Value>,
+    pub context: Map<String, Value>,
+}
+
+impl VerifyRequest {
+    /// Parses a raw JSON body.
+    pub fn from_slice(body: &[u8]) -> Result<Self, RequestError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| RequestError::invalid("body", format!("malformed JSON: {e}")))?;
+        Self::from_value(value)
+    }
+
+    /// Parses a JSON value; the single entry point for every door.
+    pub fn from_value(value: Value) -> Result<Self, RequestError> {
+        let Value::Object(mut body) = value else {
+            return Err(RequestError::invalid("body", "must be a JSON object"));
+        };
+        let mut unknown: Vec<&String> = body
+            .keys()
+            .filter(|k| !FIELDS.contains(&k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(RequestError::invalid(unknown[0].as_str(), "unknown field"));
+        }
+        let mut take = |field: &'static str| {
+            body.remove(field)
+                .ok_or_else(|| RequestError::invalid(field, "field required"))
+        };
+        let request_id = RequestId::parse(&expect_string(take("request_id")?, "request_id")?)?;
+        let tool = Tool::parse(&expect_string(take("tool")?, "tool")?)?;
+        let mode = Mode::parse(&expect_string(take("mode")?, "mode")?)?;
+        let role = Role::parse(&expect_string(take("role")?, "role")?)?;
+        let subject = parse_subject(take("subject")?)?;
+        let args = expect_object(take("args")?, "args")?;
+        let context = expect_object(take("context")?, "context")?;
+
+        let has_patient = subject.get("patient_id").is_some_and(|p| !p.is_empty());
+        if tool.needs_patient_id() && !has_patient {
+            return Err(RequestError::MissingPatientId);
+        }
+        Ok(VerifyRequest {
+            request_id,
+            tool,
+            mode,
+            role,
+            subject,
+            args,
+            context,
+        })
+    }
+
+    pub fn patient_id(&self) -> Option<&str> {
+        self.subject.get("patient_id").map(String::as_str)
+    }
+
+    /// The policy input, which is also the body without `request_id`:
+    /// the fingerprint covers exactly what the policy decides on.
+    pub fn policy_input(&self) -> Value {
+        json!({
+            "tool": self.tool.as_str(),
+            "mode": self.mode.as_str(),
+            "role": self.role.as_str(),
+            "subject": self.subject,
+            "args": self.args,
+            "context": self.context,
+        })
+    }
+
+    /// The whole request as received, for the audit payload.
+    pub fn to_value(&self) -> Value {
+        let mut value = self.policy_input();
+        if let Value::Object(map) = &mut value {
+            map.insert(
+                "request_id".into(),
+                Value::String(self.request_id.as_str().to_owned()),
+            );
+        }
+        value
+    }
+
+    /// SHA-256 of the canonical body without `request_id` (guide §7).
+    pub fn fingerprint(&self) -> String {
+        crate::canonical::sha256_hex(&self.policy_input())
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn expect_string(value: Value, field: &str) -> Result<String, RequestError> {
+    match value {
+        Value::String(s) => Ok(s),
+        other => Err(RequestError::invalid(
+            field,
+            format!("expected string, got {}", type_name(&other)),
+        )),
+    }
+}
+
+fn expect_object(value: Value, field: &str) -> Result<Map<String, Value>, RequestError> {
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(RequestError::invalid(
+            field,
+            format!("expected object, got {}", type_name(&other)),
+        )),
+    }
+}
+
+fn parse_subject(value: Value) -> Result<BTreeMap<String, String>, RequestError> {
+    expect_object(value, "subject")?
+        .into_iter()
+        .map(|(key, value)| {
+            let field = format!("subject.{key}");
+            expect_string(value, &field).map(|s| (key, s))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> Value {
+        json!({
+            "request_id": "r-1",
+            "tool": "twilio.send_sms",
+            "mode": "ALLOW",
+            "role": "nurse",
+            "subject": {"patient_id": "p-1"},
+            "args": {"text": "hi"},
+            "context": {"tenant_id": "t-1"}
+        })
+    }
+
+    fn field_of(result: Result<VerifyRequest, RequestError>) -> String {
+        result.unwrap_err().field().to_owned()
+    }
+
+    #[test]
+    fn parses_a_valid_body() {
+        let req = VerifyRequest::from_value(body()).unwrap();
+        assert_eq!(req.tool, Tool::SendSms);
+        assert_eq!(req.patient_id(), Some("p-1"));
+        assert_eq!(req.to_value(), body());
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let mut b = body();
+        b["mode"] = json!("PANIC");
+        assert_eq!(field_of(VerifyRequest::from_value(b)), "mode");
+        let mut b = body();
+        b.as_object_mut().unwrap().remove("role");
+        assert_eq!(field_of(VerifyRequest::from_value(b)), "role");
+        let mut b = body();
+        b["extra"] = json!(1);
+        assert_eq!(field_of(VerifyRequest::from_value(b)), "extra");
+        let mut b = body();
+        b["subject"] = json!({"patient_id": 7});
+        assert_eq!(field_of(VerifyRequest::from_value(b)), "subject.patient_id");
+        let mut b = body();
+        b["request_id"] = json!("x".repeat(129));
+        assert_eq!(field_of(VerifyRequest::from_value(b)), "request_id");
+        assert_eq!(field_of(VerifyRequest::from_slice(b"{nope")), "body");
+    }
+
+    #[test]
+    fn missing_patient_is_a_400() {
+        let mut b = body();
+        b["subject"] = json!({});
+        let err = VerifyRequest::from_value(b).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(err.body(), json!({"detail": "subject.patient_id required"}));
+    }
+
+    #[test]
+    fn fingerprint_ignores_request_id_and_key_order() {
+        let a = VerifyRequest::from_value(body()).unwrap();
+        let mut b = body();
+        b["request_id"] = json!("r-2");
+        let b = VerifyRequest::from_value(b).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mut c = body();
+        c["args"] = json!({"text": "other"});
+        assert_ne!(
+            a.fingerprint(),
+            VerifyRequest::from_value(c).unwrap().fingerprint()
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! The verifier's answer, identical on every door.
+
+use serde::{Deserialize, Serialize};
+
+/// Stable machine codes for violations.
+pub mod violation {
+    pub const FAIL_CLOSED: &str = "FAIL_CLOSED";
+    pub const REPLAY_CHECK_UNAVAILABLE: &str = "Inv_ReplayCheckUnavailable";
+    pub const REPLAY_PAYLOAD_MISMATCH: &str = "Inv_ReplayPayloadMismatch";
+    pub const REPLAY_CONCURRENT: &str = "Inv_ReplayConcurrent";
+    pub const NO_SMS_BURST: &str = "Inv_NoSmsBurst";
+    pub const OPA_UNAVAILABLE: &str = "OPA_Unavailable";
+    pub const OPA_DENY: &str = "OPA_Deny";
+    pub const MODE_KILL_SWITCH: &str = "Mode_KillSwitch";
+    pub const MODE_READ_ONLY_NO_WRITE: &str = "Mode_ReadOnly_NoWrite";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Decision {
+    Allow,
+    Deny,
+    NeedsApproval,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 3] = [Decision::Allow, Decision::Deny, Decision::NeedsApproval];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "ALLOW",
+            Decision::Deny => "DENY",
+            Decision::NeedsApproval => "NEEDS_APPROVAL",
+        }
+    }
+}
+
+/// Body of every decision, HTTP 200 on `/verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    pub decision: Decision,
+    pub violations: Vec<String>,
+    pub allowed_outputs: Vec<String>,
+    pub reason: String,
+}
+
+impl VerifyResponse {
+    /// A response whose decision follows from its violations: none means ALLOW.
+    pub fn from_violations(violations: Vec<String>, allowed_outputs: Vec<String>) -> Self {
+        if violations.is_empty() {
+            VerifyResponse {
+                decision: Decision::Allow,
+                violations,
+                allowed_outputs,
+                reason: "OK".into(),
+            }
+        } else {
+            let reason = format!("denied: {}", violations.join(", "));
+            VerifyResponse {
+                decision: Decision::Deny,
+                violations,
+                allowed_outputs: Vec::new(),
+                reason,
+            }
+        }
+    }
+
+    pub fn deny(violation: &str) -> Self {
+        Self::from_violations(vec![violation.to_owned()], Vec::new())
+    }
+}

@@ -1,0 +1,88 @@
+//! Readiness (`/healthz`, and gRPC health later): every dependency checked in
+//! turn, audit store, then state store, then policy engine, each with its own
+//! timeout. The first failure names its component; configured secrets are
+//! masked out of the error text.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use crate::audit::AuditLog;
+use crate::config::Redactor;
+use crate::policy::PolicyEngine;
+use crate::state::ReplayGuard;
+
+/// Per-dependency check budget (guide §4).
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The input used to probe the policy engine (guide RB-2).
+fn probe_input() -> Value {
+    json!({"tool": "healthcheck", "mode": "ALLOW", "role": "system", "subject": {}, "args": {}, "context": {}})
+}
+
+pub struct Readiness {
+    /// `None` when auditing is disabled.
+    pub audit: Option<Arc<dyn AuditLog>>,
+    pub state: Arc<dyn ReplayGuard>,
+    pub policy: Arc<dyn PolicyEngine>,
+    pub redactor: Redactor,
+}
+
+/// Result of one readiness pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Every component answered: `{component: "ok" | "disabled"}`.
+    Ready(Map<String, Value>),
+    /// `"<component>: <error>"` of the first that did not.
+    NotReady(String),
+}
+
+impl Readiness {
+    pub async fn check(&self) -> Health {
+        let mut checks = Map::new();
+        match &self.audit {
+            Some(audit) => {
+                if let Err(detail) = self.probe(audit.backend(), audit.ping()).await {
+                    return Health::NotReady(detail);
+                }
+                checks.insert(audit.backend().into(), "ok".into());
+            }
+            None => {
+                checks.insert("audit".into(), "disabled".into());
+            }
+        }
+        if let Err(detail) = self.probe(self.state.backend(), self.state.ping()).await {
+            return Health::NotReady(detail);
+        }
+        checks.insert(self.state.backend().into(), "ok".into());
+        let input = probe_input();
+        if let Err(detail) = self
+            .probe(self.policy.backend(), self.policy.evaluate(&input))
+            .await
+        {
+            return Health::NotReady(detail);
+        }
+        checks.insert(self.policy.backend().into(), "ok".into());
+        Health::Ready(checks)
+    }
+
+    async fn probe<T, E: std::fmt::Display>(
+        &self,
+        component: &str,
+        check: impl Future<Output = Result<T, E>>,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!(
+                "{component}: {}",
+                self.redactor.redact(&error.to_string())
+            )),
+            Err(_) => Err(format!(
+                "{component}: no answer within {}s",
+                CHECK_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}

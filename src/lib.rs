@@ -1,0 +1,19 @@
+//! casf-verifier: a policy enforcement point for AI agents' tool calls.
+//!
+//! One [`pipeline`] decides; thin doors ([`http`]) translate to and from it;
+//! each backend ([`policy`], [`state`], [`audit`]) sits behind a small trait
+//! with an embedded default and a production implementation.
+
+pub mod audit;
+pub mod canonical;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,53 @@
+//! Policy evaluation: the Rego `casf` package, behind one trait.
+//!
+//! The pipeline asks a [`PolicyEngine`] for `data.casf` and gets back a
+//! [`PolicyVerdict`]. Two engines exist: the embedded `regorus` interpreter
+//! (the default, loading `CASF_POLICY_DIR`) and an OPA server over its REST
+//! API (`OPA_URL`). Errors carry a `kind` that is the `casf_opa_error_total`
+//! label and decides fail-closed behaviour for writes.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+
+/// What `data.casf` said about one input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    pub allow: bool,
+    /// Violation codes reported by the policy, in the order the engine gave them.
+    pub violations: Vec<String>,
+}
+
+/// Why a policy evaluation produced no verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy evaluation timed out")]
+    Timeout,
+    #[error("policy engine unavailable: {0}")]
+    Unavailable(String),
+    #[error("policy engine answered HTTP {0}")]
+    BadStatus(u16),
+    #[error("policy engine gave an unusable answer: {0}")]
+    BadResponse(String),
+}
+
+impl PolicyError {
+    /// The bounded `kind` label of `casf_opa_error_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PolicyError::Timeout => "timeout",
+            PolicyError::Unavailable(_) => "unavailable",
+            PolicyError::BadStatus(_) => "bad_status",
+            PolicyError::BadResponse(_) => "bad_response",
+        }
+    }
+}
+
+/// Evaluates the `casf` package for one policy input
+/// (`{tool, mode, role, subject, args, context}`).
+#[async_trait]
+pub trait PolicyEngine: Send + Sync {
+    /// Short backend name for the startup line and `/healthz` (`regorus`, `opa`).
+    fn backend(&self) -> &'static str;
+    async fn evaluate(&self, input: &serde_json::Value) -> Result<PolicyVerdict, PolicyError>;
+}

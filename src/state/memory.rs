@@ -1,0 +1,259 @@
+//! In-process state for a single verifier: the embedded default when
+//! `REDIS_URL` is unset. Same semantics as the Redis store, including the
+//! short pending TTL, but not shared between processes.
+//!
+//! Locks are plain mutexes held only for map operations, never across I/O.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::{Claim, RateLimiter, ReplayGuard, StateError};
+use crate::domain::{RequestId, VerifyResponse};
+
+/// How often expired entries are swept out, at most.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+enum ReplayEntry {
+    Pending {
+        fingerprint: String,
+        expires: Instant,
+    },
+    Done {
+        fingerprint: String,
+        response: VerifyResponse,
+        expires: Instant,
+    },
+}
+
+impl ReplayEntry {
+    fn expires(&self) -> Instant {
+        match self {
+            ReplayEntry::Pending { expires, .. } | ReplayEntry::Done { expires, .. } => *expires,
+        }
+    }
+}
+
+struct Window {
+    count: u64,
+    expires: Instant,
+}
+
+struct Maps {
+    replay: HashMap<String, ReplayEntry>,
+    windows: HashMap<String, Window>,
+    next_sweep: Instant,
+}
+
+pub struct MemoryState {
+    maps: Mutex<Maps>,
+    replay_ttl: Duration,
+    pending_ttl: Duration,
+}
+
+impl MemoryState {
+    pub fn new(replay_ttl: Duration, pending_ttl: Duration) -> Self {
+        MemoryState {
+            maps: Mutex::new(Maps {
+                replay: HashMap::new(),
+                windows: HashMap::new(),
+                next_sweep: Instant::now() + SWEEP_EVERY,
+            }),
+            replay_ttl,
+            pending_ttl,
+        }
+    }
+
+    /// Locks the maps and drops expired entries when a sweep is due.
+    fn lock(&self, now: Instant) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // (every update is a single insert or remove), so poisoning is ignored.
+        let mut maps = self
+            .maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if now >= maps.next_sweep {
+            maps.replay.retain(|_, entry| entry.expires() > now);
+            maps.windows.retain(|_, window| window.expires > now);
+            maps.next_sweep = now + SWEEP_EVERY;
+        }
+        maps
+    }
+}
+
+#[async_trait]
+impl ReplayGuard for MemoryState {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn claim(&self, request_id: &RequestId, fingerprint: &str) -> Result<Claim, StateError> {
+        let now = Instant::now();
+        let mut maps = self.lock(now);
+        let claim = match maps.replay.get(request_id.as_str()) {
+            Some(entry) if entry.expires() > now => match entry {
+                ReplayEntry::Pending {
+                    fingerprint: stored,
+                    ..
+                } if stored == fingerprint => Claim::Pending,
+                ReplayEntry::Done {
+                    fingerprint: stored,
+                    response,
+                    ..
+                } if stored == fingerprint => Claim::Cached(response.clone()),
+                _ => Claim::Mismatch,
+            },
+            _ => Claim::Claimed,
+        };
+        if claim == Claim::Claimed {
+            let entry = ReplayEntry::Pending {
+                fingerprint: fingerprint.to_owned(),
+                expires: now + self.pending_ttl,
+            };
+            maps.replay.insert(request_id.as_str().to_owned(), entry);
+        }
+        Ok(claim)
+    }
+
+    async fn complete(
+        &self,
+        request_id: &RequestId,
+        fingerprint: &str,
+        response: &VerifyResponse,
+    ) -> Result<(), StateError> {
+        let now = Instant::now();
+        let entry = ReplayEntry::Done {
+            fingerprint: fingerprint.to_owned(),
+            response: response.clone(),
+            expires: now + self.replay_ttl,
+        };
+        self.lock(now)
+            .replay
+            .insert(request_id.as_str().to_owned(), entry);
+        Ok(())
+    }
+
+    async fn release(&self, request_id: &RequestId) -> Result<(), StateError> {
+        self.lock(Instant::now()).replay.remove(request_id.as_str());
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RateLimiter for MemoryState {
+    async fn hit(&self, key: &str, window: Duration) -> Result<u64, StateError> {
+        let now = Instant::now();
+        let mut maps = self.lock(now);
+        let slot = maps.windows.entry(key.to_owned()).or_insert(Window {
+            count: 0,
+            expires: now + window,
+        });
+        if slot.expires <= now {
+            *slot = Window {
+                count: 0,
+                expires: now + window,
+            };
+        }
+        slot.count += 1;
+        Ok(slot.count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Decision;
+
+    fn id(s: &str) -> RequestId {
+        RequestId::parse(s).unwrap()
+    }
+
+    fn state() -> MemoryState {
+        MemoryState::new(Duration::from_secs(86_400), Duration::from_secs(30))
+    }
+
+    fn allow() -> VerifyResponse {
+        VerifyResponse::from_violations(vec![], vec![])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claim_then_replay_then_mismatch() {
+        let s = state();
+        assert_eq!(s.claim(&id("a"), "f1").await.unwrap(), Claim::Claimed);
+        assert_eq!(s.claim(&id("a"), "f1").await.unwrap(), Claim::Pending);
+        assert_eq!(s.claim(&id("a"), "f2").await.unwrap(), Claim::Mismatch);
+        s.complete(&id("a"), "f1", &allow()).await.unwrap();
+        assert_eq!(
+            s.claim(&id("a"), "f1").await.unwrap(),
+            Claim::Cached(allow())
+        );
+        assert_eq!(s.claim(&id("a"), "f2").await.unwrap(), Claim::Mismatch);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_claim_expires_after_pending_ttl_not_replay_ttl() {
+        let s = state();
+        assert_eq!(s.claim(&id("a"), "f").await.unwrap(), Claim::Claimed);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(s.claim(&id("a"), "f").await.unwrap(), Claim::Pending);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(s.claim(&id("a"), "f").await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn completed_decision_lives_for_the_replay_ttl() {
+        let s = state();
+        s.claim(&id("a"), "f").await.unwrap();
+        s.complete(&id("a"), "f", &allow()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(86_399)).await;
+        assert!(
+            matches!(s.claim(&id("a"), "f").await.unwrap(), Claim::Cached(r) if r.decision == Decision::Allow)
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(s.claim(&id("a"), "f").await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_frees_the_id() {
+        let s = state();
+        s.claim(&id("a"), "f").await.unwrap();
+        s.release(&id("a")).await.unwrap();
+        assert_eq!(s.claim(&id("a"), "g").await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_window_counts_and_resets() {
+        let s = state();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(s.hit("sms:p1", hour).await.unwrap(), 1);
+        assert_eq!(s.hit("sms:p1", hour).await.unwrap(), 2);
+        assert_eq!(s.hit("sms:p2", hour).await.unwrap(), 1);
+        tokio::time::advance(hour).await;
+        assert_eq!(s.hit("sms:p1", hour).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_yield_exactly_one_winner() {
+        let s = std::sync::Arc::new(state());
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move { s.claim(&id("same"), "f").await.unwrap() })
+            })
+            .collect();
+        let mut claimed = 0;
+        for t in tasks {
+            if t.await.unwrap() == Claim::Claimed {
+                claimed += 1;
+            }
+        }
+        assert_eq!(claimed, 1);
+    }
+}

@@ -1,0 +1,73 @@
+//! Short-lived shared state: anti-replay claims and the SMS rate limit.
+//!
+//! Both live in Redis in production and in process memory by default. The
+//! pipeline only sees the two traits below; a [`StateError`] from either is
+//! what makes writes fail closed with `trigger="redis"`.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{RequestId, VerifyResponse};
+
+/// Default lifetime of a claim whose decision was never stored (the process
+/// died mid-request): short, so a crash does not block a `request_id` for a day.
+pub const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(30);
+
+/// Outcome of claiming a `request_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// First sight of this id: process it, then [`ReplayGuard::complete`].
+    Claimed,
+    /// Same payload already decided: answer with the stored decision.
+    Cached(VerifyResponse),
+    /// Same id, different payload.
+    Mismatch,
+    /// Same id and payload, still being decided by another request.
+    Pending,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store timed out")]
+    Timeout,
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    #[error("state store gave an unusable answer: {0}")]
+    BadResponse(String),
+}
+
+/// Idempotency by `request_id` (guide §7).
+#[async_trait]
+pub trait ReplayGuard: Send + Sync {
+    /// Short backend name for the startup line and `/healthz` (`memory`, `redis`).
+    fn backend(&self) -> &'static str;
+
+    /// Atomically claims `request_id` for a request with this payload fingerprint.
+    async fn claim(&self, request_id: &RequestId, fingerprint: &str) -> Result<Claim, StateError>;
+
+    /// Stores the decision for replays, for the full anti-replay TTL.
+    async fn complete(
+        &self,
+        request_id: &RequestId,
+        fingerprint: &str,
+        response: &VerifyResponse,
+    ) -> Result<(), StateError>;
+
+    /// Drops a claim whose decision must not be replayed (a fail-closed deny),
+    /// so that a retry after recovery is decided afresh.
+    async fn release(&self, request_id: &RequestId) -> Result<(), StateError>;
+
+    /// Readiness probe.
+    async fn ping(&self) -> Result<(), StateError>;
+}
+
+/// Fixed-window counters (the SMS burst limit).
+#[async_trait]
+pub trait RateLimiter: Send + Sync {
+    /// Counts one event under `key` and returns how many the current window
+    /// holds, this one included. The window starts at the first event.
+    async fn hit(&self, key: &str, window: Duration) -> Result<u64, StateError>;
+}
