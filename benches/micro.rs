@@ -1,0 +1,114 @@
+//! Micro-benchmarks of the decision path's parts, each on its own, plus one
+//! whole pipeline decision on embedded backends. Run with `cargo bench`;
+//! `cargo bench -- --test` (CI's smoke mode) runs each once without timing.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use casf_verifier::audit::sqlite::SqliteAuditLog;
+use casf_verifier::audit::writer::AuditWriter;
+use casf_verifier::audit::{NewEvent, chain};
+use casf_verifier::domain::VerifyRequest;
+use casf_verifier::metrics::{Door, Metrics};
+use casf_verifier::pipeline::{Pipeline, SmsLimit};
+use casf_verifier::policy::embedded::EmbeddedPolicy;
+use casf_verifier::state::memory::MemoryState;
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::{Value, json};
+
+fn body(request_id: &str) -> Value {
+    json!({
+        "request_id": request_id,
+        "tool": "cliniccloud.create_appointment",
+        "mode": "ALLOW",
+        "role": "receptionist",
+        "subject": {"patient_id": "pat-001"},
+        "args": {"slot": "2026-12-01T09:00", "duration_min": 30, "notes": "Zoë, first visit"},
+        "context": {"tenant_id": "clinic-a", "agent": "scheduler-v2"}
+    })
+}
+
+fn policy() -> EmbeddedPolicy {
+    EmbeddedPolicy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+        .expect("policies load")
+}
+
+fn parse(c: &mut Criterion) {
+    let raw = body("7d0c1a52-0001").to_string().into_bytes();
+    c.bench_function("request parse and validate", |b| {
+        b.iter(|| VerifyRequest::from_slice(std::hint::black_box(&raw)).expect("valid"))
+    });
+}
+
+fn chain_hash(c: &mut Criterion) {
+    let request = VerifyRequest::from_value(body("7d0c1a52-0001")).expect("valid");
+    let event = NewEvent::now(
+        "7d0c1a52-0001",
+        "role:receptionist".into(),
+        "cliniccloud.create_appointment",
+        "ALLOW",
+        json!({"request": request.to_value(), "response": {"decision": "ALLOW", "violations": [], "allowed_outputs": [], "reason": "OK"}}),
+    );
+    let prev = "a".repeat(64);
+    c.bench_function("canonical JSON + chain hash", |b| {
+        b.iter(|| chain::event_hash(std::hint::black_box(&event), &prev))
+    });
+    c.bench_function("request fingerprint", |b| {
+        b.iter(|| std::hint::black_box(&request).fingerprint())
+    });
+}
+
+fn policy_eval(c: &mut Criterion) {
+    let engine = policy();
+    let input = VerifyRequest::from_value(body("x"))
+        .expect("valid")
+        .policy_input();
+    c.bench_function("policy evaluation (regorus)", |b| {
+        b.iter(|| {
+            engine
+                .evaluate_sync(std::hint::black_box(&input))
+                .expect("evaluates")
+        })
+    });
+}
+
+fn pipeline(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipeline = runtime.block_on(async {
+        let log = Arc::new(
+            SqliteAuditLog::open(&dir.path().join("bench.db"))
+                .await
+                .expect("sqlite"),
+        );
+        let (writer, _task) = AuditWriter::spawn(log);
+        let state = Arc::new(MemoryState::new(
+            Duration::from_secs(86_400),
+            Duration::from_secs(30),
+        ));
+        Pipeline::new(
+            Arc::new(policy()),
+            Some(state.clone()),
+            state,
+            Some(writer),
+            Arc::new(Metrics::new()),
+            SmsLimit::default(),
+        )
+    });
+    let counter = AtomicU64::new(0);
+    c.bench_function("pipeline decision (embedded, durable SQLite)", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let id = format!("bench-{}", counter.fetch_add(1, Ordering::Relaxed));
+            let request = VerifyRequest::from_value(body(&id)).expect("valid");
+            pipeline.decide(&request, Door::Http).await
+        })
+    });
+}
+
+criterion_group!(benches, parse, chain_hash, policy_eval, pipeline);
+criterion_main!(benches);
