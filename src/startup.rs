@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SmsLimit};
 use crate::policy::PolicyEngine;
 use crate::policy::embedded::{EmbeddedPolicy, PolicyLoadError};
+use crate::policy::opa::{OpaPolicy, OpaSetupError};
 use crate::state::memory::MemoryState;
 use crate::state::{RateLimiter, ReplayGuard};
 
@@ -31,6 +32,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyLoadError),
+    #[error("policy: {0}")]
+    Opa(#[from] OpaSetupError),
     #[error("audit: {0}")]
     Audit(#[from] AuditError),
     #[error("cannot listen on {addr}: {source}")]
@@ -59,10 +62,7 @@ pub async fn open_audit_log(backend: &AuditBackend) -> Result<Arc<dyn AuditLog>,
 fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {
     match backend {
         PolicyBackend::Embedded { dir } => Ok(Arc::new(EmbeddedPolicy::load(dir)?)),
-        PolicyBackend::Opa { .. } => Err(StartupError::Unsupported {
-            var: "OPA_URL",
-            backend: "OPA REST",
-        }),
+        PolicyBackend::Opa { url } => Ok(Arc::new(OpaPolicy::new(url)?)),
     }
 }
 
