@@ -6,5 +6,6 @@ mod audit;
 mod helpers;
 mod opa_policy;
 mod operator;
+mod redis_state;
 mod servers;
 mod verify;
