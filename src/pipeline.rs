@@ -206,7 +206,7 @@ impl Pipeline {
         let verdict = self.audited(request, request.tool.as_str(), response).await;
         if claimed && let Some(guard) = &self.replay {
             let stored = if failed_closed {
-                guard.release(&request.request_id).await
+                guard.release(&request.request_id, &fingerprint).await
             } else {
                 guard
                     .complete(&request.request_id, &fingerprint, &verdict.response)

@@ -22,7 +22,9 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SmsLimit};
 use crate::policy::PolicyEngine;
 use crate::policy::embedded::{EmbeddedPolicy, PolicyLoadError};
+use crate::policy::opa::{OpaPolicy, OpaSetupError};
 use crate::state::memory::MemoryState;
+use crate::state::redis::{RedisSetupError, RedisState};
 use crate::state::{RateLimiter, ReplayGuard};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,10 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("policy: {0}")]
     Policy(#[from] PolicyLoadError),
+    #[error("policy: {0}")]
+    Opa(#[from] OpaSetupError),
+    #[error("state: {0}")]
+    Redis(#[from] RedisSetupError),
     #[error("audit: {0}")]
     Audit(#[from] AuditError),
     #[error("cannot listen on {addr}: {source}")]
@@ -59,10 +65,7 @@ pub async fn open_audit_log(backend: &AuditBackend) -> Result<Arc<dyn AuditLog>,
 fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {
     match backend {
         PolicyBackend::Embedded { dir } => Ok(Arc::new(EmbeddedPolicy::load(dir)?)),
-        PolicyBackend::Opa { .. } => Err(StartupError::Unsupported {
-            var: "OPA_URL",
-            backend: "OPA REST",
-        }),
+        PolicyBackend::Opa { url } => Ok(Arc::new(OpaPolicy::new(url)?)),
     }
 }
 
@@ -72,7 +75,7 @@ struct StateStore {
     limiter: Arc<dyn RateLimiter>,
 }
 
-fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
+async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
     match &settings.state {
         StateBackend::Memory => {
             let state = Arc::new(MemoryState::new(
@@ -84,10 +87,15 @@ fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
                 limiter: state,
             })
         }
-        StateBackend::Redis { .. } => Err(StartupError::Unsupported {
-            var: "REDIS_URL",
-            backend: "Redis",
-        }),
+        StateBackend::Redis { url } => {
+            let state = Arc::new(
+                RedisState::connect(url, settings.anti_replay_ttl, settings.pending_ttl).await?,
+            );
+            Ok(StateStore {
+                replay: state.clone(),
+                limiter: state,
+            })
+        }
     }
 }
 
@@ -100,7 +108,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         let policy = build_policy(&settings.policy)?;
-        let StateStore { replay, limiter } = build_state(settings)?;
+        let StateStore { replay, limiter } = build_state(settings).await?;
         let audit_log = if settings.audit_disabled {
             None
         } else {

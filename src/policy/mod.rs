@@ -7,6 +7,7 @@
 //! label and decides fail-closed behaviour for writes.
 
 pub mod embedded;
+pub mod opa;
 
 use async_trait::async_trait;
 

@@ -136,8 +136,15 @@ impl ReplayGuard for MemoryState {
         Ok(())
     }
 
-    async fn release(&self, request_id: &RequestId) -> Result<(), StateError> {
-        self.lock(Instant::now()).replay.remove(request_id.as_str());
+    async fn release(&self, request_id: &RequestId, fingerprint: &str) -> Result<(), StateError> {
+        let mut maps = self.lock(Instant::now());
+        let ours = matches!(
+            maps.replay.get(request_id.as_str()),
+            Some(ReplayEntry::Pending { fingerprint: stored, .. }) if stored == fingerprint
+        );
+        if ours {
+            maps.replay.remove(request_id.as_str());
+        }
         Ok(())
     }
 
@@ -224,8 +231,23 @@ mod tests {
     async fn release_frees_the_id() {
         let s = state();
         s.claim(&id("a"), "f").await.unwrap();
-        s.release(&id("a")).await.unwrap();
+        s.release(&id("a"), "f").await.unwrap();
         assert_eq!(s.claim(&id("a"), "g").await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_never_drops_a_stored_decision_or_another_claim() {
+        let s = state();
+        s.claim(&id("a"), "f").await.unwrap();
+        s.complete(&id("a"), "f", &allow()).await.unwrap();
+        s.release(&id("a"), "f").await.unwrap();
+        assert_eq!(
+            s.claim(&id("a"), "f").await.unwrap(),
+            Claim::Cached(allow())
+        );
+        s.claim(&id("b"), "f").await.unwrap();
+        s.release(&id("b"), "other").await.unwrap();
+        assert_eq!(s.claim(&id("b"), "f").await.unwrap(), Claim::Pending);
     }
 
     #[tokio::test(start_paused = true)]

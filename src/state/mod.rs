@@ -5,6 +5,7 @@
 //! what makes writes fail closed with `trigger="redis"`.
 
 pub mod memory;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -57,8 +58,9 @@ pub trait ReplayGuard: Send + Sync {
     ) -> Result<(), StateError>;
 
     /// Drops a claim whose decision must not be replayed (a fail-closed deny),
-    /// so that a retry after recovery is decided afresh.
-    async fn release(&self, request_id: &RequestId) -> Result<(), StateError>;
+    /// so that a retry after recovery is decided afresh. Only a claim still
+    /// pending for this fingerprint is dropped, never a stored decision.
+    async fn release(&self, request_id: &RequestId, fingerprint: &str) -> Result<(), StateError>;
 
     /// Readiness probe.
     async fn ping(&self) -> Result<(), StateError>;

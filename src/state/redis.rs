@@ -1,0 +1,491 @@
+//! Redis state (`REDIS_URL`): anti-replay claims and the SMS limit shared by
+//! every verifier process, with the same semantics as [`super::memory`].
+//!
+//! Each gate is one round trip: an atomic Lua script (EVALSHA, falling back
+//! to EVAL after a Redis restart emptied the script cache) or one plain
+//! command. One multiplexed connection serves the whole process. Commands
+//! never wait for a reconnect: while Redis is down they fail at once, and
+//! every operation has a hard 200 ms budget (guide §6), so a request is never
+//! held up by Redis for longer than that. The client reconnects by itself, so
+//! recovery needs no restart, and the process starts even when Redis is down
+//! at boot (`/healthz` is 503 and writes fail closed until it is back).
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
+    LuaInterface, Options, ReconnectPolicy, SetOptions, Value,
+};
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+
+use super::{Claim, RateLimiter, ReplayGuard, StateError};
+use crate::domain::{RequestId, VerifyResponse};
+
+/// Budget of one state operation, retries and script reloads included (guide §6).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long startup waits for a first connection before serving without one.
+const BOOT_CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// Budget for opening a TCP connection and the AUTH/SELECT that follow it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection with a command unanswered this long is dropped and reopened
+/// (a half-open TCP connection would otherwise time out every command forever).
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
+/// Reconnect backoff bounds, in milliseconds; attempts never stop.
+const RECONNECT_MIN_DELAY_MS: u32 = 50;
+const RECONNECT_MAX_DELAY_MS: u32 = 1_000;
+
+/// Prefix of anti-replay keys; `DEL casf:req:<request_id>` is the guide's
+/// runbook for reprocessing a request.
+pub const REPLAY_KEY_PREFIX: &str = "casf:req:";
+
+/// Sets a pending claim unless the key exists; otherwise returns what is stored.
+/// KEYS[1] claim key; ARGV[1] pending record; ARGV[2] pending TTL in seconds.
+const CLAIM_LUA: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return 1
+end
+return redis.call('GET', KEYS[1])
+";
+
+/// Deletes the key only while it still holds this exact pending record, so a
+/// stored decision (or somebody else's claim) is never removed.
+/// KEYS[1] claim key; ARGV[1] pending record.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Fixed-window counter: the window starts with the first event. A counter
+/// left without a TTL (set by hand) is given one, so it cannot block forever.
+/// KEYS[1] counter key; ARGV[1] window in seconds.
+const HIT_LUA: &str = r"
+local count = redis.call('INCR', KEYS[1])
+if count == 1 or redis.call('TTL', KEYS[1]) == -1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return count
+";
+
+/// A Lua script with its SHA-1, for EVALSHA.
+struct Script {
+    lua: &'static str,
+    sha1: String,
+}
+
+impl Script {
+    fn new(lua: &'static str) -> Self {
+        Script {
+            lua,
+            sha1: hex::encode(Sha1::digest(lua.as_bytes())),
+        }
+    }
+}
+
+/// What `casf:req:<id>` holds. Serialised deterministically (struct field
+/// order), so the release script can compare a pending record byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+enum Record {
+    Pending {
+        fingerprint: String,
+    },
+    Done {
+        fingerprint: String,
+        response: VerifyResponse,
+    },
+}
+
+impl Record {
+    fn pending(fingerprint: &str) -> Result<String, StateError> {
+        encode(&Record::Pending {
+            fingerprint: fingerprint.to_owned(),
+        })
+    }
+}
+
+fn encode(record: &Record) -> Result<String, StateError> {
+    serde_json::to_string(record)
+        .map_err(|e| StateError::BadResponse(format!("cannot encode replay record: {e}")))
+}
+
+/// How an existing record answers a claim with `fingerprint`: a different
+/// payload is a mismatch whether or not the first one is still pending.
+fn judge(stored: Record, fingerprint: &str) -> Claim {
+    match stored {
+        Record::Pending {
+            fingerprint: stored,
+        } if stored == fingerprint => Claim::Pending,
+        Record::Done {
+            fingerprint: stored,
+            response,
+        } if stored == fingerprint => Claim::Cached(response),
+        _ => Claim::Mismatch,
+    }
+}
+
+/// Reads the claim script's reply: 1 for a fresh claim, else the stored record.
+fn claim_from_reply(reply: Value, fingerprint: &str) -> Result<Claim, StateError> {
+    let stored = match reply {
+        Value::Integer(1) => return Ok(Claim::Claimed),
+        Value::String(text) => text.to_string(),
+        Value::Bytes(bytes) => String::from_utf8(bytes.to_vec())
+            .map_err(|_| StateError::BadResponse("replay record is not UTF-8".into()))?,
+        other => {
+            return Err(StateError::BadResponse(format!(
+                "unexpected claim reply of type {:?}",
+                other.kind()
+            )));
+        }
+    };
+    let record: Record = serde_json::from_str(&stored)
+        .map_err(|e| StateError::BadResponse(format!("unreadable replay record: {e}")))?;
+    Ok(judge(record, fingerprint))
+}
+
+/// Timeouts are their own kind; every other failure means Redis could not
+/// be used. fred's messages name no URL or password.
+fn state_error(error: RedisError) -> StateError {
+    match error.kind() {
+        ErrorKind::Timeout => StateError::Timeout,
+        ErrorKind::Canceled => StateError::Unavailable("not connected (reconnecting)".into()),
+        ErrorKind::Parse | ErrorKind::Protocol => StateError::BadResponse(error.to_string()),
+        _ => StateError::Unavailable(error.to_string()),
+    }
+}
+
+fn is_noscript(error: &RedisError) -> bool {
+    error.details().starts_with("NOSCRIPT")
+}
+
+/// Whole seconds for EX/EXPIRE, never 0 (Redis rejects it).
+fn seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX)
+}
+
+/// Why the Redis client could not be set up at all (a bad `REDIS_URL`).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error(
+        "REDIS_URL uses rediss:// but this build has no TLS support; refusing to send the password in clear"
+    )]
+    TlsUnsupported,
+    #[error("REDIS_URL is not a usable Redis URL: {0}")]
+    InvalidUrl(String),
+}
+
+impl RedisSetupError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RedisSetupError::TlsUnsupported => "tls_unsupported",
+            RedisSetupError::InvalidUrl(_) => "invalid_url",
+        }
+    }
+}
+
+pub struct RedisState {
+    client: Client,
+    /// Applied to every command: fail at once while disconnected, never
+    /// resend (an INCR sent twice would count twice), 200 ms per command.
+    options: Options,
+    claim: Script,
+    release: Script,
+    hit: Script,
+    replay_ttl: Duration,
+    pending_ttl: Duration,
+}
+
+impl RedisState {
+    /// Creates the process's client and starts connecting. Waits up to
+    /// [`BOOT_CONNECT_WAIT`] for the first connection, then serves anyway:
+    /// the client keeps reconnecting in the background.
+    pub async fn connect(
+        url: &str,
+        replay_ttl: Duration,
+        pending_ttl: Duration,
+    ) -> Result<Self, RedisSetupError> {
+        if url.starts_with("rediss://") {
+            return Err(RedisSetupError::TlsUnsupported);
+        }
+        // The URL parser's messages do not echo the URL, so no secret leaks.
+        let mut config =
+            Config::from_url(url).map_err(|e| RedisSetupError::InvalidUrl(e.details().into()))?;
+        // Unreachable at boot is not fatal: keep trying in the background.
+        config.fail_fast = false;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = CONNECT_TIMEOUT;
+                c.internal_command_timeout = CONNECT_TIMEOUT;
+                c.max_command_attempts = 1;
+                c.unresponsive.max_timeout = Some(UNRESPONSIVE_AFTER);
+                c.unresponsive.interval = UNRESPONSIVE_AFTER / 4;
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                RECONNECT_MIN_DELAY_MS,
+                RECONNECT_MAX_DELAY_MS,
+                2,
+            ))
+            .build()
+            .map_err(|e| RedisSetupError::InvalidUrl(e.details().into()))?;
+        // The connection task runs for the life of the process.
+        drop(client.connect());
+        match tokio::time::timeout(BOOT_CONNECT_WAIT, client.wait_for_connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                error = %state_error(error),
+                "Redis unreachable at startup: writes fail closed until it is back"
+            ),
+            Err(_) => tracing::warn!(
+                "Redis not connected within {}s of startup: writes fail closed until it is back",
+                BOOT_CONNECT_WAIT.as_secs()
+            ),
+        }
+        Ok(RedisState {
+            client,
+            options: Options {
+                fail_fast: true,
+                max_attempts: Some(1),
+                timeout: Some(COMMAND_TIMEOUT),
+                ..Options::default()
+            },
+            claim: Script::new(CLAIM_LUA),
+            release: Script::new(RELEASE_LUA),
+            hit: Script::new(HIT_LUA),
+            replay_ttl,
+            pending_ttl,
+        })
+    }
+
+    fn key(request_id: &RequestId) -> String {
+        format!("{REPLAY_KEY_PREFIX}{}", request_id.as_str())
+    }
+
+    /// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends.
+    async fn bounded<T>(
+        &self,
+        operation: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StateError> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, operation).await {
+            Ok(result) => result.map_err(state_error),
+            Err(_) => Err(StateError::Timeout),
+        }
+    }
+
+    /// EVALSHA, or EVAL when Redis no longer has the script cached (after a
+    /// restart); EVAL caches it again.
+    async fn run(
+        &self,
+        script: &Script,
+        key: String,
+        args: Vec<Value>,
+    ) -> Result<Value, StateError> {
+        let client = self.client.with_options(&self.options);
+        self.bounded(async {
+            match client
+                .evalsha::<Value, _, _, _>(script.sha1.as_str(), key.as_str(), args.clone())
+                .await
+            {
+                Err(error) if is_noscript(&error) => {
+                    client.eval(script.lua, key.as_str(), args).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ReplayGuard for RedisState {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn claim(&self, request_id: &RequestId, fingerprint: &str) -> Result<Claim, StateError> {
+        let args = vec![
+            Value::from(Record::pending(fingerprint)?),
+            Value::from(seconds(self.pending_ttl)),
+        ];
+        let reply = self.run(&self.claim, Self::key(request_id), args).await?;
+        claim_from_reply(reply, fingerprint)
+    }
+
+    async fn complete(
+        &self,
+        request_id: &RequestId,
+        fingerprint: &str,
+        response: &VerifyResponse,
+    ) -> Result<(), StateError> {
+        let record = encode(&Record::Done {
+            fingerprint: fingerprint.to_owned(),
+            response: response.clone(),
+        })?;
+        let client = self.client.with_options(&self.options);
+        // XX: only over our claim. If the claim is gone (expired, or deleted
+        // by an operator) the id is free again and nothing is stored.
+        let stored: Option<String> = self
+            .bounded(client.set(
+                Self::key(request_id),
+                record,
+                Some(Expiration::EX(seconds(self.replay_ttl))),
+                Some(SetOptions::XX),
+                false,
+            ))
+            .await?;
+        if stored.is_none() {
+            tracing::warn!(request_id = %request_id.as_str(), "claim vanished before the decision was stored; the request_id may be decided again");
+        }
+        Ok(())
+    }
+
+    async fn release(&self, request_id: &RequestId, fingerprint: &str) -> Result<(), StateError> {
+        let args = vec![Value::from(Record::pending(fingerprint)?)];
+        self.run(&self.release, Self::key(request_id), args)
+            .await
+            .map(drop)
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        let client = self.client.with_options(&self.options);
+        self.bounded(client.ping::<Value>(None)).await.map(drop)
+    }
+}
+
+#[async_trait]
+impl RateLimiter for RedisState {
+    async fn hit(&self, key: &str, window: Duration) -> Result<u64, StateError> {
+        let args = vec![Value::from(seconds(window))];
+        match self.run(&self.hit, key.to_owned(), args).await? {
+            Value::Integer(count) => u64::try_from(count)
+                .map_err(|_| StateError::BadResponse(format!("negative counter {count}"))),
+            other => Err(StateError::BadResponse(format!(
+                "unexpected counter reply of type {:?}",
+                other.kind()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow() -> VerifyResponse {
+        VerifyResponse::from_violations(vec![], vec![])
+    }
+
+    fn stored(record: &Record) -> Value {
+        Value::from(encode(record).unwrap())
+    }
+
+    #[test]
+    fn fresh_claim_is_claimed() {
+        assert_eq!(
+            claim_from_reply(Value::Integer(1), "f").unwrap(),
+            Claim::Claimed
+        );
+    }
+
+    #[test]
+    fn stored_records_are_judged_like_the_memory_store() {
+        let pending = Record::Pending {
+            fingerprint: "f1".into(),
+        };
+        let done = Record::Done {
+            fingerprint: "f1".into(),
+            response: allow(),
+        };
+        assert_eq!(
+            claim_from_reply(stored(&pending), "f1").unwrap(),
+            Claim::Pending
+        );
+        // Mismatch wins over pending.
+        assert_eq!(
+            claim_from_reply(stored(&pending), "f2").unwrap(),
+            Claim::Mismatch
+        );
+        assert_eq!(
+            claim_from_reply(stored(&done), "f1").unwrap(),
+            Claim::Cached(allow())
+        );
+        assert_eq!(
+            claim_from_reply(stored(&done), "f2").unwrap(),
+            Claim::Mismatch
+        );
+    }
+
+    #[test]
+    fn unreadable_records_are_errors_not_claims() {
+        for reply in [
+            Value::from("not a record"),
+            Value::from(r#"{"state":"weird","fingerprint":"f"}"#),
+            Value::Null,
+            Value::Integer(0),
+        ] {
+            assert!(
+                matches!(
+                    claim_from_reply(reply.clone(), "f"),
+                    Err(StateError::BadResponse(_))
+                ),
+                "{reply:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pending_record_is_byte_stable_for_compare_and_delete() {
+        assert_eq!(
+            Record::pending("abc").unwrap(),
+            r#"{"state":"pending","fingerprint":"abc"}"#
+        );
+    }
+
+    #[test]
+    fn script_hash_is_redis_sha1() {
+        // SHA-1 of "return 1", as `SCRIPT LOAD "return 1"` reports it.
+        assert_eq!(
+            Script::new("return 1").sha1,
+            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
+        );
+    }
+
+    #[test]
+    fn ttls_are_whole_seconds_and_never_zero() {
+        assert_eq!(seconds(Duration::from_millis(10)), 1);
+        assert_eq!(seconds(Duration::from_secs(3600)), 3600);
+    }
+
+    #[test]
+    fn timeouts_and_disconnects_are_told_apart() {
+        assert!(matches!(
+            state_error(RedisError::new(ErrorKind::Timeout, "t")),
+            StateError::Timeout
+        ));
+        assert!(matches!(
+            state_error(RedisError::new(ErrorKind::Canceled, "c")),
+            StateError::Unavailable(_)
+        ));
+        assert!(matches!(
+            state_error(RedisError::new(ErrorKind::IO, "refused")),
+            StateError::Unavailable(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn tls_urls_are_refused_rather_than_sent_in_clear() {
+        let refused = RedisState::connect(
+            "rediss://:pw@127.0.0.1:6380/0",
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(refused, Err(RedisSetupError::TlsUnsupported)));
+    }
+}

@@ -1,0 +1,435 @@
+//! Anti-replay and the SMS limit in Redis (`REDIS_URL`), decided with the
+//! OPA server (`OPA_URL`): the contract's rows on the shared services, and
+//! fail-closed behaviour and recovery on a private Redis that is stopped.
+
+use std::time::Duration;
+
+use casf_verifier::config::Settings;
+use casf_verifier::domain::{RequestId, VerifyRequest, VerifyResponse};
+use casf_verifier::state::redis::RedisState;
+use casf_verifier::state::{Claim, RateLimiter, ReplayGuard};
+use fred::prelude::KeysInterface;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    READ_TOOLS, TestApp, WRITE_TOOLS, fresh_id, metric_value, request, spawn_app_with,
+};
+use crate::servers::{
+    RedisServer, free_port, redis_client, required_env, spawn_app_on_services, wait_until,
+};
+
+/// Generous bound for the client to notice a stopped or restarted Redis.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(20);
+
+fn violations(decision: &Value) -> Vec<&str> {
+    decision["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .map(|v| v.as_str().expect("code"))
+        .collect()
+}
+
+fn replay_key(body: &Value) -> String {
+    format!(
+        "casf:req:{}",
+        body["request_id"].as_str().expect("request_id")
+    )
+}
+
+fn fingerprint(body: &Value) -> String {
+    VerifyRequest::from_value(body.clone())
+        .expect("valid request")
+        .fingerprint()
+}
+
+fn request_id(body: &Value) -> RequestId {
+    RequestId::parse(body["request_id"].as_str().expect("request_id")).expect("request id")
+}
+
+/// The app's own state store on the shared Redis, built from `vars` the way
+/// startup builds it: stands in for another verifier process.
+async fn state_like_the_app(vars: &[(&str, &str)]) -> RedisState {
+    let settings = Settings::from_lookup(|k| {
+        vars.iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .expect("settings");
+    RedisState::connect(
+        &required_env("CASF_TEST_REDIS_URL"),
+        settings.anti_replay_ttl,
+        settings.pending_ttl,
+    )
+    .await
+    .expect("Redis state")
+}
+
+async fn healthz(app: &TestApp) -> (u16, Value) {
+    let (status, body) = app.get("/healthz").await;
+    (status, serde_json::from_str(&body).expect("JSON /healthz"))
+}
+
+#[tokio::test]
+async fn redis_state_mirrors_the_memory_store() {
+    let state = state_like_the_app(&[]).await;
+    let id = RequestId::parse(&fresh_id()).unwrap();
+    let allow = VerifyResponse::from_violations(vec![], vec![]);
+
+    assert_eq!(state.claim(&id, "f1").await.unwrap(), Claim::Claimed);
+    assert_eq!(state.claim(&id, "f1").await.unwrap(), Claim::Pending);
+    assert_eq!(state.claim(&id, "f2").await.unwrap(), Claim::Mismatch);
+    // Releasing someone else's claim leaves it in place.
+    state.release(&id, "f2").await.unwrap();
+    assert_eq!(state.claim(&id, "f1").await.unwrap(), Claim::Pending);
+    state.complete(&id, "f1", &allow).await.unwrap();
+    assert_eq!(
+        state.claim(&id, "f1").await.unwrap(),
+        Claim::Cached(allow.clone())
+    );
+    assert_eq!(state.claim(&id, "f2").await.unwrap(), Claim::Mismatch);
+    // A stored decision is never released.
+    state.release(&id, "f1").await.unwrap();
+    assert_eq!(state.claim(&id, "f1").await.unwrap(), Claim::Cached(allow));
+
+    let other = RequestId::parse(&fresh_id()).unwrap();
+    state.claim(&other, "f").await.unwrap();
+    state.release(&other, "f").await.unwrap();
+    assert_eq!(state.claim(&other, "g").await.unwrap(), Claim::Claimed);
+
+    let counter = format!("sms:p-{}", fresh_id());
+    let hour = Duration::from_secs(3600);
+    assert_eq!(state.hit(&counter, hour).await.unwrap(), 1);
+    assert_eq!(state.hit(&counter, hour).await.unwrap(), 2);
+    assert_eq!(
+        state.hit(&format!("{counter}-other"), hour).await.unwrap(),
+        1
+    );
+    state.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn replay_through_redis_returns_the_identical_decision() {
+    let app = spawn_app_on_services(&[]).await;
+    let hits = app.metric("casf_replay_hit_total").await;
+    let body = request("cliniccloud.create_appointment", "ALLOW");
+    let first = app.decide(&body).await;
+    assert_eq!(first["decision"], "ALLOW", "{first}");
+    assert_eq!(app.decide(&body).await, first);
+    assert_eq!(app.metric("casf_replay_hit_total").await, hits + 1.0);
+    let actions: Vec<String> = app
+        .audit_rows()
+        .await
+        .into_iter()
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(
+        actions,
+        ["cliniccloud.create_appointment", "REPLAY_DETECTED"]
+    );
+}
+
+#[tokio::test]
+async fn replay_through_redis_with_a_different_payload_is_denied() {
+    let app = spawn_app_on_services(&[]).await;
+    let mismatches = app.metric("casf_replay_mismatch_total").await;
+    let body = request("stripe.generate_invoice", "ALLOW");
+    assert_eq!(app.decide(&body).await["decision"], "ALLOW");
+    let mut tampered = body.clone();
+    tampered["args"]["n"] = json!(4);
+    let decision = app.decide(&tampered).await;
+    assert_eq!(decision["decision"], "DENY");
+    assert_eq!(violations(&decision), ["Inv_ReplayPayloadMismatch"]);
+    assert_eq!(
+        app.metric("casf_replay_mismatch_total").await,
+        mismatches + 1.0
+    );
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_through_redis_are_decided_exactly_once() {
+    let app = spawn_app_on_services(&[]).await;
+    let body = request("cliniccloud.create_appointment", "ALLOW");
+    let decisions = futures::future::join_all((0..24).map(|_| app.decide(&body))).await;
+    let allowed = decisions
+        .iter()
+        .filter(|d| d["decision"] == "ALLOW")
+        .count();
+    let concurrent = decisions
+        .iter()
+        .filter(|d| violations(d) == ["Inv_ReplayConcurrent"])
+        .count();
+    assert!(allowed >= 1, "{decisions:?}");
+    assert_eq!(allowed + concurrent, decisions.len(), "{decisions:?}");
+
+    let rows = app.audit_rows().await;
+    let processed = rows
+        .iter()
+        .filter(|r| r.action == "cliniccloud.create_appointment")
+        .count();
+    let replays = rows
+        .iter()
+        .filter(|r| r.action == "REPLAY_DETECTED")
+        .count();
+    assert_eq!(processed, 1, "exactly one processed decision");
+    assert_eq!(replays, decisions.len() - 1);
+}
+
+#[tokio::test]
+async fn second_sms_within_the_hour_is_denied_through_redis() {
+    let app = spawn_app_on_services(&[]).await;
+    let first = request("twilio.send_sms", "ALLOW");
+    let mut second = first.clone();
+    second["request_id"] = json!(fresh_id());
+    let mut other_patient = request("twilio.send_sms", "ALLOW");
+    other_patient["args"] = first["args"].clone();
+
+    assert_eq!(app.decide(&first).await["decision"], "ALLOW");
+    let denied = app.decide(&second).await;
+    assert_eq!(denied["decision"], "DENY");
+    assert_eq!(violations(&denied), ["Inv_NoSmsBurst"]);
+    assert_eq!(app.decide(&other_patient).await["decision"], "ALLOW");
+
+    let redis = redis_client(&required_env("CASF_TEST_REDIS_URL")).await;
+    let counter = format!("sms:{}", first["subject"]["patient_id"].as_str().unwrap());
+    assert_eq!(redis.get::<i64, _>(&counter).await.unwrap(), 2);
+    let ttl: i64 = redis.ttl(&counter).await.unwrap();
+    assert!((1..=3600).contains(&ttl), "window TTL {ttl}");
+}
+
+#[tokio::test]
+async fn decided_key_outlives_the_pending_ttl_and_del_allows_reprocessing() {
+    let app = spawn_app_on_services(&[("ANTI_REPLAY_TTL_SECONDS", "600")]).await;
+    let body = request("cliniccloud.cancel_appointment", "ALLOW");
+    assert_eq!(app.decide(&body).await["decision"], "ALLOW");
+
+    let redis = redis_client(&required_env("CASF_TEST_REDIS_URL")).await;
+    let key = replay_key(&body);
+    let ttl: i64 = redis.ttl(&key).await.unwrap();
+    // Longer than the 30 s pending TTL: the decision was stored for replays.
+    assert!(ttl > 30 && ttl <= 600, "TTL of {key} is {ttl}");
+
+    let mut changed = body.clone();
+    changed["args"] = json!({"slot": "later"});
+    assert_eq!(
+        violations(&app.decide(&changed).await),
+        ["Inv_ReplayPayloadMismatch"]
+    );
+    // The guide's runbook: DEL casf:req:<id> lets the id be decided afresh.
+    let deleted: i64 = redis.del(&key).await.unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(app.decide(&changed).await["decision"], "ALLOW");
+    let actions: Vec<String> = app
+        .audit_rows()
+        .await
+        .into_iter()
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "cliniccloud.cancel_appointment",
+            "REPLAY_DETECTED",
+            "cliniccloud.cancel_appointment"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_claim_in_progress_elsewhere_is_concurrent_and_a_new_payload_a_mismatch() {
+    let app = spawn_app_on_services(&[]).await;
+    let other_verifier = state_like_the_app(&[]).await;
+    let body = request("cliniccloud.create_appointment", "ALLOW");
+    assert_eq!(
+        other_verifier
+            .claim(&request_id(&body), &fingerprint(&body))
+            .await
+            .unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(
+        violations(&app.decide(&body).await),
+        ["Inv_ReplayConcurrent"]
+    );
+    let mut changed = body.clone();
+    changed["args"] = json!({"other": true});
+    assert_eq!(
+        violations(&app.decide(&changed).await),
+        ["Inv_ReplayPayloadMismatch"]
+    );
+}
+
+#[tokio::test]
+async fn abandoned_claim_expires_after_the_pending_ttl() {
+    let vars = [("CASF_REPLAY_PENDING_TTL_SECONDS", "1")];
+    let app = spawn_app_on_services(&vars).await;
+    let redis = redis_client(&required_env("CASF_TEST_REDIS_URL")).await;
+    // A verifier that claimed the id and died before deciding it.
+    let crashed = state_like_the_app(&vars).await;
+    let body = request("stripe.generate_invoice", "ALLOW");
+    assert_eq!(
+        crashed
+            .claim(&request_id(&body), &fingerprint(&body))
+            .await
+            .unwrap(),
+        Claim::Claimed
+    );
+    drop(crashed);
+    let pttl: i64 = redis.pttl(replay_key(&body)).await.unwrap();
+    assert!((1..=1000).contains(&pttl), "pending claim lives {pttl} ms");
+
+    // Denied as concurrent while the claim lives, decided once it expired.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let decision = app.decide(&body).await;
+        if decision["decision"] == "ALLOW" {
+            break;
+        }
+        assert_eq!(
+            violations(&decision),
+            ["Inv_ReplayConcurrent"],
+            "{decision}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned claim did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Decided now, and stored for the full replay TTL.
+    let ttl: i64 = redis.ttl(replay_key(&body)).await.unwrap();
+    assert!(ttl > 1, "TTL after the decision is {ttl}");
+}
+
+/// Fail-closed counters and OPA error counters from one `/metrics` page.
+async fn counters(app: &TestApp) -> impl Fn(&str) -> f64 {
+    let (_, text) = app.get("/metrics").await;
+    move |series: &str| metric_value(&text, series)
+}
+
+const FAIL_CLOSED_REDIS: &str = "casf_fail_closed_total{trigger=\"redis\"}";
+
+#[tokio::test]
+async fn redis_down_fails_writes_closed_lets_reads_through_and_recovers_without_restart() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[("REDIS_URL", url.as_str())]).await;
+    let (status, body) = healthz(&app).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checks"]["redis"], "ok");
+    let before_outage = request("cliniccloud.create_appointment", "ALLOW");
+    assert_eq!(app.decide(&before_outage).await["decision"], "ALLOW");
+
+    redis.stop();
+    wait_until(RECOVERY_DEADLINE, "/healthz reports Redis down", || async {
+        healthz(&app).await.0 == 503
+    })
+    .await;
+    let (_, body) = healthz(&app).await;
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(detail.starts_with("redis: "), "{body}");
+    assert!(!body.to_string().contains(&redis.password), "{body}");
+
+    let before = counters(&app).await;
+    let mut denied = Vec::new();
+    for tool in WRITE_TOOLS {
+        let body = request(tool, "ALLOW");
+        let decision = app.decide(&body).await;
+        assert_eq!(decision["decision"], "DENY", "{tool}");
+        assert_eq!(
+            violations(&decision),
+            ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"],
+            "{tool}"
+        );
+        denied.push(body);
+    }
+    for tool in READ_TOOLS {
+        let decision = app.decide(&request(tool, "ALLOW")).await;
+        assert_eq!(decision["decision"], "ALLOW", "{tool}: {decision}");
+    }
+    let after = counters(&app).await;
+    assert_eq!(
+        after(FAIL_CLOSED_REDIS) - before(FAIL_CLOSED_REDIS),
+        WRITE_TOOLS.len() as f64
+    );
+
+    redis.restart().await;
+    wait_until(
+        RECOVERY_DEADLINE,
+        "/healthz recovers with Redis",
+        || async { healthz(&app).await.0 == 200 },
+    )
+    .await;
+    assert_eq!(
+        app.decide(&request("cliniccloud.create_appointment", "ALLOW"))
+            .await["decision"],
+        "ALLOW"
+    );
+    // A fail-closed deny was not stored: the retry gets a real decision.
+    assert_eq!(app.decide(&denied[0]).await["decision"], "ALLOW");
+}
+
+#[tokio::test]
+async fn redis_down_with_anti_replay_off_fails_sms_closed_on_the_rate_limit() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[
+        ("REDIS_URL", url.as_str()),
+        ("ANTI_REPLAY_ENABLED", "false"),
+    ])
+    .await;
+    assert_eq!(
+        app.decide(&request("twilio.send_sms", "ALLOW")).await["decision"],
+        "ALLOW"
+    );
+    redis.stop();
+    wait_until(RECOVERY_DEADLINE, "/healthz reports Redis down", || async {
+        healthz(&app).await.0 == 503
+    })
+    .await;
+
+    let before = counters(&app).await;
+    let decision = app.decide(&request("twilio.send_sms", "ALLOW")).await;
+    assert_eq!(decision["decision"], "DENY");
+    assert_eq!(violations(&decision), ["FAIL_CLOSED", "Inv_NoSmsBurst"]);
+    // Other writes need no Redis when anti-replay is off.
+    let decision = app
+        .decide(&request("cliniccloud.create_appointment", "ALLOW"))
+        .await;
+    assert_eq!(decision["decision"], "ALLOW", "{decision}");
+    let after = counters(&app).await;
+    assert_eq!(after(FAIL_CLOSED_REDIS) - before(FAIL_CLOSED_REDIS), 1.0);
+}
+
+#[tokio::test]
+async fn redis_unreachable_at_boot_starts_degraded_and_recovers() {
+    let mut redis = RedisServer::on_port(free_port());
+    let url = redis.url();
+    let app = tokio::time::timeout(
+        Duration::from_secs(15),
+        spawn_app_with(&[("REDIS_URL", url.as_str())]),
+    )
+    .await
+    .expect("startup does not wait for Redis");
+    let (status, body) = healthz(&app).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("redis: "),
+        "{body}"
+    );
+    assert!(!body.to_string().contains(&redis.password), "{body}");
+    assert_eq!(
+        violations(&app.decide(&request("twilio.send_sms", "ALLOW")).await),
+        ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"]
+    );
+
+    redis.restart().await;
+    wait_until(RECOVERY_DEADLINE, "/healthz once Redis is up", || async {
+        healthz(&app).await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        app.decide(&request("twilio.send_sms", "ALLOW")).await["decision"],
+        "ALLOW"
+    );
+}
