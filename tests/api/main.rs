@@ -3,6 +3,7 @@
 //! services (`CASF_TEST_*`, started by `./scripts/test.sh`).
 
 mod audit;
+mod contract;
 mod helpers;
 mod opa_policy;
 mod operator;

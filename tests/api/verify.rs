@@ -14,6 +14,18 @@ fn violations(decision: &Value) -> Vec<&str> {
 }
 
 #[tokio::test]
+async fn the_contract_decision_table_holds_on_embedded_backends() {
+    let app = spawn_app().await;
+    let decided = crate::contract::assert_decision_table(&app).await;
+    let decided = decided + crate::contract::assert_stateful_rows(&app).await;
+    assert_eq!(
+        app.audit_rows().await.len(),
+        decided,
+        "one audit row per decision"
+    );
+}
+
+#[tokio::test]
 async fn every_tool_is_allowed_in_allow_mode() {
     let app = spawn_app().await;
     for tool in WRITE_TOOLS.iter().chain(&READ_TOOLS) {

@@ -1,0 +1,91 @@
+//! The contract's decision table as data, run against any backend profile.
+//! `verify.rs` runs it on embedded backends; `production.rs` on PostgreSQL,
+//! Redis and OPA together.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{READ_TOOLS, TestApp, WRITE_TOOLS, fresh_id, request};
+
+/// What the contract says about one tool in one mode, for a well-formed
+/// request of a known role and tenant.
+fn expected(tool: &str, mode: &str) -> Value {
+    let write = WRITE_TOOLS.contains(&tool);
+    let deny = |codes: &[&str]| json!({"decision": "DENY", "violations": codes, "allowed_outputs": [], "reason": format!("denied: {}", codes.join(", "))});
+    match (mode, write) {
+        ("KILL_SWITCH", _) => deny(&["Mode_KillSwitch"]),
+        ("READ_ONLY", true) => deny(&["Mode_ReadOnly_NoWrite"]),
+        ("STEP_UP", true) => deny(&["OPA_Deny"]),
+        ("READ_ONLY", false) if tool == "cliniccloud.list_appointments" => {
+            json!({"decision": "ALLOW", "violations": [], "allowed_outputs": ["slots_aggregated"], "reason": "OK"})
+        }
+        _ => json!({"decision": "ALLOW", "violations": [], "allowed_outputs": [], "reason": "OK"}),
+    }
+}
+
+/// Every tool in every mode, plus a missing tenant for each tool, decided
+/// exactly as the contract says. Returns how many decisions were made.
+pub async fn assert_decision_table(app: &TestApp) -> usize {
+    let mut decided = 0;
+    for tool in WRITE_TOOLS.iter().chain(&READ_TOOLS) {
+        for mode in ["ALLOW", "STEP_UP", "READ_ONLY", "KILL_SWITCH"] {
+            let decision = app.decide(&request(tool, mode)).await;
+            assert_eq!(decision, expected(tool, mode), "{tool} in {mode}");
+            decided += 1;
+        }
+        let mut no_tenant = request(tool, "ALLOW");
+        no_tenant["context"] = json!({});
+        let decision = app.decide(&no_tenant).await;
+        assert_eq!(decision["decision"], "DENY", "{tool} without tenant");
+        assert_eq!(
+            decision["violations"],
+            json!(["BadRequest_MissingTenantId"]),
+            "{tool}"
+        );
+        decided += 1;
+    }
+    decided
+}
+
+/// SMS burst, replay (same and different payload) and concurrent duplicates.
+/// Returns how many decisions were made.
+pub async fn assert_stateful_rows(app: &TestApp) -> usize {
+    let sms = request("twilio.send_sms", "ALLOW");
+    let mut again = sms.clone();
+    again["request_id"] = json!(fresh_id());
+    let mut other = sms.clone();
+    other["request_id"] = json!(fresh_id());
+    other["subject"] = json!({"patient_id": format!("p-{}", fresh_id())});
+    assert_eq!(app.decide(&sms).await["decision"], "ALLOW");
+    assert_eq!(
+        app.decide(&again).await["violations"],
+        json!(["Inv_NoSmsBurst"])
+    );
+    assert_eq!(app.decide(&other).await["decision"], "ALLOW");
+
+    let first = request("cliniccloud.create_appointment", "ALLOW");
+    let original = app.decide(&first).await;
+    assert_eq!(
+        app.decide(&first).await,
+        original,
+        "replay returns the stored decision"
+    );
+    let mut changed = first.clone();
+    changed["args"] = json!({"slot": "elsewhere"});
+    assert_eq!(
+        app.decide(&changed).await["violations"],
+        json!(["Inv_ReplayPayloadMismatch"])
+    );
+
+    let duplicate = request("cliniccloud.cancel_appointment", "ALLOW");
+    let answers = futures::future::join_all((0..12).map(|_| app.decide(&duplicate))).await;
+    let fresh = answers.iter().filter(|a| a["decision"] == "ALLOW").count();
+    let concurrent = answers
+        .iter()
+        .filter(|a| a["violations"] == json!(["Inv_ReplayConcurrent"]))
+        .count();
+    assert!(
+        fresh >= 1 && fresh + concurrent == answers.len(),
+        "{answers:?}"
+    );
+    6 + answers.len()
+}
