@@ -7,8 +7,17 @@
 //! could silently change.
 //!
 //! Numbers are written so that a PostgreSQL `JSONB` round trip gives the same
-//! bytes again: integers as integers, floats in their shortest round-trip form,
-//! and `-0.0` as `0.0` (JSONB's numeric has no negative zero).
+//! bytes again. JSONB keeps a number's value and its digits after the point
+//! but prints no exponent, so:
+//! - integers (within i64/u64) as integers;
+//! - other numbers (floats) in serde_json's shortest round-trip form, which
+//!   reads back as the same double because parsing is correctly rounded
+//!   (serde_json's `float_roundtrip` feature);
+//! - except integral floats of magnitude 1e16 up to 2^64, which serde_json
+//!   would write as `1e+16`: JSONB prints those as plain digits, which would
+//!   read back as an integer. They are written as digits plus `.0`
+//!   (`10000000000000000.0`), as serde_json already does below 1e16;
+//! - `-0.0` as `0.0` (JSONB's numeric has no negative zero).
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -58,9 +67,16 @@ fn write_value(out: &mut String, value: &Value) {
     }
 }
 
+/// 2^64: integral floats below this could be read back as integers.
+const INTEGER_READ_LIMIT: f64 = 18_446_744_073_709_551_616.0;
+
 fn write_number(out: &mut String, n: &serde_json::Number) {
     match n.as_f64() {
         Some(f) if n.is_f64() && f == 0.0 => out.push_str("0.0"),
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < INTEGER_READ_LIMIT => {
+            // Exact: an integral double below 2^64 fits an i128.
+            out.push_str(&format!("{}.0", f as i128));
+        }
         _ => out.push_str(&n.to_string()),
     }
 }
@@ -113,6 +129,24 @@ mod tests {
             assert_eq!(once, again, "{text}");
         }
         assert_eq!(to_string(&json!(-0.0)), "0.0");
+    }
+
+    #[test]
+    fn integral_floats_keep_a_point_so_they_never_read_back_as_integers() {
+        for (text, canonical) in [
+            ("1e16", "10000000000000000.0"),
+            ("-1.5e17", "-150000000000000000.0"),
+            ("1.0", "1.0"),
+            ("1500.0", "1500.0"),
+            ("1e20", "1e+20"),
+            ("18446744073709551615", "18446744073709551615"),
+        ] {
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(to_string(&v), canonical, "{text}");
+            // What JSONB prints for it (plain digits) reads back the same.
+            let reread: Value = serde_json::from_str(canonical).unwrap();
+            assert_eq!(to_string(&reread), canonical, "{text}");
+        }
     }
 
     #[test]

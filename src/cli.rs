@@ -1,8 +1,10 @@
-//! Command line: `serve` (the default), `audit verify`, `audit digest`.
+//! Command line: `serve` (the default), `migrate`, `audit verify`,
+//! `audit digest`.
 //!
 //! Exit codes follow the guide §8 for the audit commands: 0 valid, 1 broken
 //! chain, 2 connectivity or configuration error. `serve` exits 2 on bad
-//! configuration and 1 if it fails after starting.
+//! configuration and 1 if it fails after starting; `migrate` exits 0 once the
+//! schema is in place and 2 if it cannot be.
 
 use std::process::ExitCode;
 
@@ -11,8 +13,8 @@ use clap::{Parser, Subcommand};
 
 use crate::audit::EventFilter;
 use crate::audit::digest::{digest, walk, yesterday};
-use crate::config::{Redactor, Settings};
-use crate::startup::{Application, open_audit_log, shutdown_signal};
+use crate::config::{AuditBackend, Redactor, Settings};
+use crate::startup::{Application, migrate_audit_log, open_audit_log, shutdown_signal};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +31,8 @@ struct Cli {
 enum Command {
     /// Serve /verify and the operator endpoints (the default).
     Serve,
+    /// Create the audit schema if missing (PostgreSQL: sql/init.sql); idempotent.
+    Migrate,
     /// Check or summarise the audit hash chain.
     Audit {
         #[command(subcommand)]
@@ -73,6 +77,7 @@ pub fn run() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(settings)),
+        Command::Migrate => runtime.block_on(migrate(settings)),
         Command::Audit { action } => runtime.block_on(audit(settings, action)),
     }
 }
@@ -99,6 +104,24 @@ async fn serve(settings: Settings) -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "server failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(settings: Settings) -> ExitCode {
+    match migrate_audit_log(&settings.audit).await {
+        Ok(()) => {
+            let store = match settings.audit {
+                AuditBackend::Sqlite { .. } => "SQLite",
+                AuditBackend::Postgres { .. } => "PostgreSQL",
+            };
+            println!("audit schema in place ({store})");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let error = Redactor::new(settings.secrets()).redact(&error.to_string());
+            eprintln!("casf-verifier: migrate failed: {error}");
+            ExitCode::from(EXIT_UNREACHABLE)
         }
     }
 }

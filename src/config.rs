@@ -100,7 +100,10 @@ impl Settings {
             None => StateBackend::Memory,
         };
         let audit = match get("PG_DSN")? {
-            Some(dsn) => AuditBackend::Postgres { dsn },
+            Some(dsn) => {
+                crate::audit::pg_dsn::parse(&dsn).map_err(|e| invalid("PG_DSN", e.to_string()))?;
+                AuditBackend::Postgres { dsn }
+            }
             None => AuditBackend::Sqlite {
                 path: get("CASF_AUDIT_SQLITE")?
                     .map(PathBuf::from)
@@ -136,7 +139,7 @@ impl Settings {
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         if let AuditBackend::Postgres { dsn } = &self.audit {
-            secrets.extend(secret_of(dsn));
+            secrets.extend(secrets_of_dsn(dsn));
         }
         if let StateBackend::Redis { url } = &self.state {
             secrets.extend(secret_of(url));
@@ -212,10 +215,45 @@ fn secret_of(dsn: &str) -> Option<String> {
         let password = userinfo.split_once(':')?.1;
         return (!password.is_empty()).then(|| password.to_owned());
     }
-    dsn.split_whitespace()
-        .find_map(|pair| pair.strip_prefix("password="))
-        .map(|p| p.trim_matches('\'').to_owned())
-        .filter(|p| !p.is_empty())
+    crate::audit::pg_dsn::password_of_pairs(dsn)
+}
+
+/// Every form in which a DSN's password could show up in text: as written,
+/// and percent-decoded for URLs (what the server and driver see).
+pub fn secrets_of_dsn(dsn: &str) -> Vec<String> {
+    let Some(secret) = secret_of(dsn) else {
+        return Vec::new();
+    };
+    let decoded = percent_decode(&secret);
+    let mut secrets = vec![secret];
+    if let Some(decoded) = decoded.filter(|d| !secrets.contains(d)) {
+        secrets.push(decoded);
+    }
+    secrets
+}
+
+/// `%XX` escapes decoded; `None` if that is not valid UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `url` with any password replaced by `***`.
@@ -328,5 +366,21 @@ mod tests {
             secret_of("postgres://casf:pw@127.0.0.1/casf").as_deref(),
             Some("pw")
         );
+    }
+
+    #[test]
+    fn dsn_secrets_cover_quoted_and_percent_encoded_passwords() {
+        assert_eq!(
+            secrets_of_dsn("postgres://casf:p%40ss@127.0.0.1/casf"),
+            vec!["p%40ss", "p@ss"]
+        );
+        assert_eq!(
+            secrets_of_dsn("user=casf password='two words' host=pg"),
+            vec!["two words"]
+        );
+        assert!(secrets_of_dsn("user=casf host=pg").is_empty());
+        let err = settings(&[("PG_DSN", "host=pg password=hunter2 nonsense=hunter2")]).unwrap_err();
+        assert_eq!(err.var, "PG_DSN");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

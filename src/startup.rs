@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::audit::postgres::PostgresAuditLog;
 use crate::audit::sqlite::SqliteAuditLog;
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AuditError, AuditLog};
@@ -55,11 +56,18 @@ pub enum StartupError {
 pub async fn open_audit_log(backend: &AuditBackend) -> Result<Arc<dyn AuditLog>, StartupError> {
     match backend {
         AuditBackend::Sqlite { path } => Ok(Arc::new(SqliteAuditLog::open(path).await?)),
-        AuditBackend::Postgres { .. } => Err(StartupError::Unsupported {
-            var: "PG_DSN",
-            backend: "PostgreSQL",
-        }),
+        AuditBackend::Postgres { dsn } => Ok(Arc::new(PostgresAuditLog::open(dsn).await?)),
     }
+}
+
+/// Creates or completes the audit store's schema (`casf-verifier migrate`).
+pub async fn migrate_audit_log(backend: &AuditBackend) -> Result<(), StartupError> {
+    match backend {
+        // Opening a SQLite file creates its table.
+        AuditBackend::Sqlite { path } => SqliteAuditLog::open(path).await.map(drop)?,
+        AuditBackend::Postgres { dsn } => PostgresAuditLog::migrate(dsn).await.map(drop)?,
+    }
+    Ok(())
 }
 
 fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {

@@ -84,6 +84,11 @@ impl ChainVerifier {
         self.expected_prev.is_none()
     }
 
+    /// True if an event with this `prev_hash` would link to the last one pushed.
+    pub fn links_to(&self, prev_hash: &str) -> bool {
+        self.expected_prev.as_deref() == Some(prev_hash)
+    }
+
     pub fn anchor(&mut self, prev: String) {
         self.expected_prev = Some(prev);
     }

@@ -15,14 +15,20 @@ const PAGE: u32 = 2000;
 /// chain must start at genesis; with one, the first event must link to the
 /// event just before it.
 pub async fn walk(log: &dyn AuditLog, filter: &EventFilter) -> Result<ChainVerifier, AuditError> {
-    let mut verifier = ChainVerifier::new(filter.ts_window.is_none().then(String::new));
+    let windowed = filter.ts_window.is_some();
+    let mut verifier = ChainVerifier::new((!windowed).then(String::new));
     let mut after_id = 0;
     loop {
         let page = log.page(filter, after_id, PAGE).await?;
         let Some(last) = page.last() else { break };
         after_id = last.id;
         for event in &page {
-            if verifier.needs_anchor() {
+            // Events of a window need not be neighbours in the chain: `ts`
+            // is stamped before the append queue and ids at commit, so near
+            // the window's edge an event from outside it (another process,
+            // or a request that queued later) can sit between two inside
+            // it. Each event must still link to its real predecessor by id.
+            if verifier.needs_anchor() || (windowed && !verifier.links_to(&event.prev_hash)) {
                 verifier.anchor(log.hash_before(event.id).await?.unwrap_or_default());
             }
             verifier.push(event);
@@ -98,4 +104,116 @@ pub async fn digest(log: &dyn AuditLog, day: NaiveDate) -> Result<Digest, AuditE
         last_hash: verifier.last_hash,
         digest_hash,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::link;
+    use crate::audit::{AppendReceipt, NewEvent, StoredEvent};
+    use async_trait::async_trait;
+
+    /// A chain in memory, read the way the stores read it.
+    struct Rows(Vec<StoredEvent>);
+
+    #[async_trait]
+    impl AuditLog for Rows {
+        fn backend(&self) -> &'static str {
+            "rows"
+        }
+        async fn append_batch(&self, _: &[NewEvent]) -> Result<Vec<AppendReceipt>, AuditError> {
+            Err(AuditError::Closed)
+        }
+        async fn page(
+            &self,
+            filter: &EventFilter,
+            after_id: i64,
+            limit: u32,
+        ) -> Result<Vec<StoredEvent>, AuditError> {
+            Ok(self
+                .0
+                .iter()
+                .filter(|e| e.id > after_id)
+                .filter(|e| match &filter.ts_window {
+                    Some((from, to)) => e.event.ts >= *from && e.event.ts < *to,
+                    None => true,
+                })
+                .take(limit as usize)
+                .cloned()
+                .collect())
+        }
+        async fn hash_before(&self, id: i64) -> Result<Option<String>, AuditError> {
+            Ok(self
+                .0
+                .iter()
+                .rev()
+                .find(|e| e.id < id)
+                .map(|e| e.hash.clone()))
+        }
+        async fn ping(&self) -> Result<(), AuditError> {
+            Ok(())
+        }
+    }
+
+    /// Events in commit (id) order whose stamps straddle midnight out of order.
+    fn straddling_midnight() -> Vec<StoredEvent> {
+        let stamps = [
+            "2026-02-09T23:59:59.999000Z",
+            "2026-02-10T00:00:00.000100Z",
+            "2026-02-09T23:59:59.999900Z",
+            "2026-02-10T00:00:00.000200Z",
+            "2026-02-10T00:00:00.000300Z",
+        ];
+        let events: Vec<NewEvent> = stamps
+            .iter()
+            .enumerate()
+            .map(|(i, ts)| NewEvent {
+                request_id: format!("r{i}"),
+                event_id: format!("e{i}"),
+                ts: (*ts).into(),
+                actor: "role:nurse".into(),
+                action: "twilio.send_sms".into(),
+                decision: "ALLOW".into(),
+                payload: json!({"i": i}),
+            })
+            .collect();
+        let links = link("", &events);
+        events
+            .into_iter()
+            .zip(links)
+            .enumerate()
+            .map(|(i, (event, (prev_hash, hash)))| StoredEvent {
+                id: i as i64 * 2 + 1, // ids with gaps, as sequences leave them
+                event,
+                prev_hash,
+                hash,
+            })
+            .collect()
+    }
+
+    fn day(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    #[tokio::test]
+    async fn windows_whose_events_interleave_with_the_next_day_still_verify() {
+        let log = Rows(straddling_midnight());
+        let first = digest(&log, day("2026-02-09")).await.unwrap();
+        assert_eq!(first.event_count, 2);
+        assert!(first.chain_valid, "{first:?}");
+        let second = digest(&log, day("2026-02-10")).await.unwrap();
+        assert_eq!(second.event_count, 3);
+        assert!(second.chain_valid, "{second:?}");
+    }
+
+    #[tokio::test]
+    async fn a_row_deleted_inside_an_interleaved_window_is_still_caught() {
+        let mut rows = straddling_midnight();
+        let removed = rows.remove(3);
+        let log = Rows(rows);
+        let d = digest(&log, day("2026-02-10")).await.unwrap();
+        assert!(!d.chain_valid);
+        let broken = d.first_broken_event.unwrap();
+        assert_eq!(broken.id, removed.id + 2);
+    }
 }

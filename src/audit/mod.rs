@@ -9,6 +9,8 @@
 
 pub mod chain;
 pub mod digest;
+pub mod pg_dsn;
+pub mod postgres;
 pub mod sqlite;
 pub mod writer;
 

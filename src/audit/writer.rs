@@ -4,7 +4,9 @@
 //! The writer takes everything queued (up to a batch limit), appends it in one
 //! transaction, and answers each caller after that commit. Under load this
 //! turns N fsyncs into one, and no request ever waits on a lock held across
-//! another request's I/O: only the writer touches the store.
+//! another request's I/O: only the writer touches the store. A batch that the
+//! store rejects (rather than cannot reach) is retried one event at a time,
+//! so a single event the store refuses costs only its own audit row.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,33 +62,147 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let events: Vec<NewEvent> = jobs.iter().map(|job| job.event.clone()).collect();
-        let result = log.append_batch(&events).await;
-        if let Err(error) = &result {
-            tracing::error!(backend = log.backend(), kind = error.kind(), %error, events = events.len(), "audit batch failed");
-        }
-        match result {
-            Ok(receipts) if receipts.len() == jobs.len() => {
-                for (job, receipt) in jobs.drain(..).zip(receipts) {
-                    // A caller that gave up waiting is not an error here.
-                    let _ = job.done.send(Ok(receipt));
-                }
-            }
-            Ok(receipts) => {
-                let error = AuditError::Rejected(format!(
-                    "store returned {} receipts for {} events",
-                    receipts.len(),
-                    jobs.len()
-                ));
-                for job in jobs.drain(..) {
-                    let _ = job.done.send(Err(error.clone()));
-                }
-            }
-            Err(error) => {
-                for job in jobs.drain(..) {
-                    let _ = job.done.send(Err(error.clone()));
-                }
-            }
+        let results = append(log.as_ref(), &events).await;
+        for (job, result) in jobs.drain(..).zip(results) {
+            // A caller that gave up waiting is not an error here.
+            let _ = job.done.send(result);
         }
     }
     tracing::debug!("audit writer drained and stopped");
+}
+
+/// One result per event. A batch the store rejects (as opposed to one it
+/// could not reach) is retried event by event, so that one event the store
+/// refuses does not cost every other decision in its batch its audit row.
+async fn append(log: &dyn AuditLog, events: &[NewEvent]) -> Vec<Result<AppendReceipt, AuditError>> {
+    match checked_batch(log, events).await {
+        Ok(receipts) => receipts.into_iter().map(Ok).collect(),
+        Err(error @ AuditError::Rejected(_)) if events.len() > 1 => {
+            tracing::warn!(backend = log.backend(), %error, events = events.len(), "audit batch rejected; appending its events one at a time");
+            let mut results = Vec::with_capacity(events.len());
+            for event in events {
+                let one = checked_batch(log, std::slice::from_ref(event)).await;
+                results.push(one.map(|mut receipts| receipts.remove(0)));
+            }
+            results
+        }
+        Err(error) => events.iter().map(|_| Err(error.clone())).collect(),
+    }
+}
+
+/// `append_batch`, logged, with exactly one receipt per event or an error.
+async fn checked_batch(
+    log: &dyn AuditLog,
+    events: &[NewEvent],
+) -> Result<Vec<AppendReceipt>, AuditError> {
+    let result = match log.append_batch(events).await {
+        Ok(receipts) if receipts.len() == events.len() => Ok(receipts),
+        Ok(receipts) => Err(AuditError::Rejected(format!(
+            "store returned {} receipts for {} events",
+            receipts.len(),
+            events.len()
+        ))),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &result {
+        tracing::error!(backend = log.backend(), kind = error.kind(), %error, events = events.len(), "audit batch failed");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{EventFilter, StoredEvent};
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+
+    /// Rejects any batch holding a "poison" event; counts what it stored.
+    #[derive(Default)]
+    struct PickyLog {
+        stored: Mutex<Vec<String>>,
+        unreachable: bool,
+    }
+
+    #[async_trait]
+    impl AuditLog for PickyLog {
+        fn backend(&self) -> &'static str {
+            "picky"
+        }
+
+        async fn append_batch(
+            &self,
+            events: &[NewEvent],
+        ) -> Result<Vec<AppendReceipt>, AuditError> {
+            if self.unreachable {
+                return Err(AuditError::Unavailable("down".into()));
+            }
+            if events.iter().any(|e| e.request_id == "poison") {
+                return Err(AuditError::Rejected("bad value".into()));
+            }
+            let mut stored = self.stored.lock().unwrap();
+            Ok(events
+                .iter()
+                .map(|e| {
+                    stored.push(e.request_id.clone());
+                    AppendReceipt {
+                        id: stored.len() as i64,
+                        hash: e.request_id.clone(),
+                    }
+                })
+                .collect())
+        }
+
+        async fn page(
+            &self,
+            _: &EventFilter,
+            _: i64,
+            _: u32,
+        ) -> Result<Vec<StoredEvent>, AuditError> {
+            Ok(Vec::new())
+        }
+
+        async fn hash_before(&self, _: i64) -> Result<Option<String>, AuditError> {
+            Ok(None)
+        }
+
+        async fn ping(&self) -> Result<(), AuditError> {
+            Ok(())
+        }
+    }
+
+    fn event(request_id: &str) -> NewEvent {
+        NewEvent::now(
+            request_id,
+            "role:nurse".into(),
+            "t",
+            "ALLOW",
+            serde_json::json!({}),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_rejected_event_does_not_take_its_batch_down() {
+        let log = PickyLog::default();
+        let events = [event("a"), event("poison"), event("b")];
+        let results = append(&log, &events).await;
+        assert!(matches!(results[0], Ok(AppendReceipt { id: 1, .. })));
+        assert!(matches!(results[1], Err(AuditError::Rejected(_))));
+        assert!(matches!(results[2], Ok(AppendReceipt { id: 2, .. })));
+        assert_eq!(*log.stored.lock().unwrap(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_fails_the_batch_without_retrying_each_event() {
+        let log = PickyLog {
+            unreachable: true,
+            ..PickyLog::default()
+        };
+        let results = append(&log, &[event("a"), event("b")]).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(AuditError::Unavailable(_))))
+        );
+    }
 }

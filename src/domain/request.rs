@@ -11,6 +11,15 @@ use serde_json::{Map, Value, json};
 /// Longest accepted `request_id`, in characters.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 
+/// Deepest nesting accepted inside `args` and `context` (the object itself
+/// is level 1). The audit payload wraps the request two levels deeper, and
+/// must stay well inside what a JSON reader accepts when verifying the chain.
+pub const MAX_DEPTH: usize = 64;
+
+/// Why U+0000 is refused: PostgreSQL text and JSONB cannot hold it, and a
+/// decision that cannot be audited must not be made.
+const NUL_REASON: &str = "contains U+0000, which the audit trail cannot store";
+
 const FIELDS: [&str; 7] = [
     "request_id",
     "tool",
@@ -79,6 +88,9 @@ impl RequestId {
                 "request_id",
                 format!("must be 1..={MAX_REQUEST_ID_CHARS} characters, got {chars}"),
             ));
+        }
+        if raw.contains('\0') {
+            return Err(RequestError::invalid("request_id", NUL_REASON));
         }
         Ok(RequestId(raw.to_owned()))
     }
@@ -222,7 +234,9 @@ impl VerifyRequest {
         let role = Role::parse(&expect_string(take("role")?, "role")?)?;
         let subject = parse_subject(take("subject")?)?;
         let args = expect_object(take("args")?, "args")?;
+        check_storable(&args, "args", 1)?;
         let context = expect_object(take("context")?, "context")?;
+        check_storable(&context, "context", 1)?;
 
         let has_patient = subject.get("patient_id").is_some_and(|p| !p.is_empty());
         if tool.needs_patient_id() && !has_patient {
@@ -306,13 +320,50 @@ fn expect_object(value: Value, field: &str) -> Result<Map<String, Value>, Reques
 }
 
 fn parse_subject(value: Value) -> Result<BTreeMap<String, String>, RequestError> {
-    expect_object(value, "subject")?
+    let subject = expect_object(value, "subject")?;
+    check_storable(&subject, "subject", 1)?;
+    subject
         .into_iter()
         .map(|(key, value)| {
             let field = format!("subject.{key}");
             expect_string(value, &field).map(|s| (key, s))
         })
         .collect()
+}
+
+/// Refuses what the audit trail could not store or read back: U+0000 in a
+/// key or string, and nesting deeper than [`MAX_DEPTH`]. `depth` is the
+/// level of `map` itself; errors name the path, e.g. `args.lines[2].name`.
+fn check_storable(map: &Map<String, Value>, path: &str, depth: usize) -> Result<(), RequestError> {
+    if depth > MAX_DEPTH {
+        return Err(RequestError::invalid(
+            path,
+            format!("nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    for (key, value) in map {
+        if key.contains('\0') {
+            return Err(RequestError::invalid(path, format!("a key {NUL_REASON}")));
+        }
+        check_value(value, &format!("{path}.{key}"), depth + 1)?;
+    }
+    Ok(())
+}
+
+fn check_value(value: &Value, path: &str, depth: usize) -> Result<(), RequestError> {
+    match value {
+        Value::String(s) if s.contains('\0') => Err(RequestError::invalid(path, NUL_REASON)),
+        Value::Object(map) => check_storable(map, path, depth),
+        Value::Array(_) if depth > MAX_DEPTH => Err(RequestError::invalid(
+            path,
+            format!("nested deeper than {MAX_DEPTH} levels"),
+        )),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_value(item, &format!("{path}[{i}]"), depth + 1)),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +412,49 @@ mod tests {
         b["request_id"] = json!("x".repeat(129));
         assert_eq!(field_of(VerifyRequest::from_value(b)), "request_id");
         assert_eq!(field_of(VerifyRequest::from_slice(b"{nope")), "body");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_path() {
+        let cases = [
+            ("args", json!({"a": [1, {"b": "x\u{0}"}]}), "args.a[1].b"),
+            ("args", json!({"k\u{0}": 1}), "args"),
+            (
+                "context",
+                json!({"tenant_id": "\u{0}"}),
+                "context.tenant_id",
+            ),
+            (
+                "subject",
+                json!({"patient_id": "p\u{0}"}),
+                "subject.patient_id",
+            ),
+            ("request_id", json!("r\u{0}"), "request_id"),
+        ];
+        for (field, value, path) in cases {
+            let mut b = body();
+            b[field] = value;
+            let err = VerifyRequest::from_value(b).unwrap_err();
+            assert_eq!(err.field(), path);
+            assert_eq!(err.status(), 422);
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        fn nested(levels: usize) -> Value {
+            (1..levels).fold(json!({}), |inner, _| json!({ "n": inner }))
+        }
+        let mut b = body();
+        b["args"] = nested(MAX_DEPTH);
+        assert!(VerifyRequest::from_value(b).is_ok());
+        let mut b = body();
+        b["args"] = nested(MAX_DEPTH + 1);
+        let err = VerifyRequest::from_value(b).unwrap_err();
+        assert!(err.field().starts_with("args.n.n"), "{err}");
+        let mut b = body();
+        b["context"] = json!({"deep": (0..MAX_DEPTH).fold(json!(1), |inner, _| json!([inner]))});
+        assert!(VerifyRequest::from_value(b).is_err());
     }
 
     #[test]

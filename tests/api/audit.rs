@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use crate::helpers::{TestApp, request, spawn_app, spawn_app_with};
 
-async fn mixed_traffic(app: &TestApp) -> usize {
+pub(crate) async fn mixed_traffic(app: &TestApp) -> usize {
     let replayed = request("cliniccloud.create_appointment", "ALLOW");
     let mut unicode = request("stripe.generate_invoice", "ALLOW");
     unicode["args"] = json!({"amount": 12.5, "lines": [{"name": "Zoë — 東京", "qty": 2}], "nested": {"b": 1, "a": [true, null]}});
@@ -26,7 +26,7 @@ async fn mixed_traffic(app: &TestApp) -> usize {
 }
 
 /// The guide's hash rule, written out independently of the crate.
-fn recompute(row: &crate::helpers::AuditRow) -> String {
+pub(crate) fn recompute(row: &crate::helpers::AuditRow) -> String {
     fn canonical(v: &Value) -> String {
         match v {
             Value::Object(map) => {

@@ -1,12 +1,15 @@
-//! Black-box tests of the HTTP door: each test starts its own application on
-//! port 0 with its own SQLite audit file, on embedded backends or on the test
-//! services (`CASF_TEST_*`, started by `./scripts/test.sh`).
+//! Black-box tests through real HTTP: each test starts its own application on
+//! port 0, on embedded backends with its own SQLite audit file, or on the
+//! test services (`CASF_TEST_*`, started by `./scripts/test.sh`): PostgreSQL
+//! with a database of its own, Redis and the OPA-compatible server.
 
 mod audit;
 mod contract;
 mod helpers;
 mod opa_policy;
 mod operator;
+mod pg;
+mod postgres_audit;
 mod redis_state;
 mod servers;
 mod verify;

@@ -1,0 +1,343 @@
+//! PostgreSQL audit store (`PG_DSN`), the production backend.
+//!
+//! Every batch is one transaction that takes `pg_advisory_xact_lock(42)`
+//! before reading the chain head, so any number of verifier processes can
+//! append to one database and the chain stays linear. The payload is stored
+//! as JSONB, which reorders keys and reformats numbers; hashes are therefore
+//! computed over the canonical form, and verification recanonicalises what
+//! JSONB gives back (`payload::text`).
+//!
+//! `serve` does not create the schema: `casf-verifier migrate` does
+//! ([`SCHEMA`]), and [`PostgresAuditLog::open`] refuses a database without it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, QueryBuilder, Row};
+
+use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
+use crate::config::Redactor;
+
+/// The schema, applied by `casf-verifier migrate`; idempotent.
+pub const SCHEMA: &str = include_str!("../../sql/init.sql");
+
+/// The key of the advisory lock that serialises writers (guide §8).
+pub const WRITERS_LOCK: i64 = 42;
+/// A few connections: the writer task holds one, probes and CLI pages the rest.
+const POOL_SIZE: u32 = 4;
+/// How long to wait for a connection, so a dead server fails a batch (and
+/// `/healthz`) within the guide's 2 s budget instead of hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Server-side bound on one statement, the advisory-lock wait included.
+const STATEMENT_TIMEOUT: &str = "5s";
+/// A session that stalls inside a transaction (a frozen or partitioned
+/// verifier) is ended by the server, which releases the writers' lock.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+
+const COLUMNS: &str = "id, request_id, event_id::text AS event_id, ts, actor, action, decision, \
+                       payload::text AS payload, prev_hash, hash";
+
+pub struct PostgresAuditLog {
+    pool: PgPool,
+    /// For [`AuditLog::ping`]'s direct connection attempt.
+    options: PgConnectOptions,
+    /// Masks the DSN's password out of every error this store reports.
+    redactor: Redactor,
+}
+
+impl PostgresAuditLog {
+    /// Connects and checks that the schema is in place.
+    pub async fn open(dsn: &str) -> Result<Self, AuditError> {
+        let log = Self::connect(dsn).await?;
+        log.check_database().await?;
+        Ok(log)
+    }
+
+    /// Connects and applies [`SCHEMA`] (`casf-verifier migrate`).
+    pub async fn migrate(dsn: &str) -> Result<Self, AuditError> {
+        let log = Self::connect(dsn).await?;
+        log.check_encoding().await?;
+        let mut conn = log.pool.acquire().await.map_err(|e| log.error(e))?;
+        if let Err(error) = sqlx::raw_sql(SCHEMA).execute(&mut *conn).await {
+            // The script's own transaction may be left aborted on this session.
+            conn.close_on_drop();
+            return Err(log.error(error));
+        }
+        drop(conn);
+        log.check_database().await?;
+        Ok(log)
+    }
+
+    async fn connect(dsn: &str) -> Result<Self, AuditError> {
+        let redactor = Redactor::new(crate::config::secrets_of_dsn(dsn));
+        let options: PgConnectOptions = super::pg_dsn::parse(dsn)
+            .map_err(|e| AuditError::Unavailable(redactor.redact(&format!("PG_DSN: {e}"))))?
+            .application_name("casf-verifier")
+            .options([
+                ("statement_timeout", STATEMENT_TIMEOUT),
+                (
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_TIMEOUT,
+                ),
+            ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // Connections killed by a server restart are found and replaced
+            // on the next acquire, so the store recovers by itself.
+            .test_before_acquire(true)
+            .connect_lazy_with(options.clone());
+        let log = PostgresAuditLog {
+            pool,
+            options,
+            redactor,
+        };
+        log.ping().await?;
+        Ok(log)
+    }
+
+    /// JSONB round trips need a UTF-8 database, and the table must exist.
+    async fn check_database(&self) -> Result<(), AuditError> {
+        self.check_encoding().await?;
+        let probe = format!("SELECT {COLUMNS} FROM audit_events LIMIT 0");
+        match sqlx::query(&probe).execute(&self.pool).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                Err(AuditError::Unavailable(
+                    "table audit_events does not exist: run `casf-verifier migrate` \
+                     (or psql -f sql/init.sql) before the first start"
+                        .into(),
+                ))
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    async fn check_encoding(&self) -> Result<(), AuditError> {
+        let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        if encoding != "UTF8" {
+            return Err(AuditError::Unavailable(format!(
+                "database encoding is {encoding}; the audit trail needs UTF8"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn append_in_tx(
+        conn: &mut sqlx::PgConnection,
+        events: &[NewEvent],
+    ) -> Result<Vec<AppendReceipt>, sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITERS_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        let head: Option<String> =
+            sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&mut *conn)
+                .await?;
+        let links = chain::link(head.as_deref().unwrap_or(""), events);
+        let mut insert: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO audit_events (request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash) ",
+        );
+        insert.push_values(
+            events.iter().zip(&links),
+            |mut row, (event, (prev_hash, hash))| {
+                row.push_bind(&event.request_id)
+                    .push_bind(&event.event_id)
+                    .push_unseparated("::uuid")
+                    .push_bind(&event.ts)
+                    .push_bind(&event.actor)
+                    .push_bind(&event.action)
+                    .push_bind(&event.decision)
+                    .push_bind(crate::canonical::to_string(&event.payload))
+                    .push_unseparated("::jsonb")
+                    .push_bind(prev_hash)
+                    .push_bind(hash);
+            },
+        );
+        insert.push(" RETURNING id");
+        let mut ids: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
+        // Ids come from one sequence in VALUES order; RETURNING order is not promised.
+        ids.sort_unstable();
+        Ok(ids
+            .into_iter()
+            .zip(links)
+            .map(|(id, (_, hash))| AppendReceipt { id, hash })
+            .collect())
+    }
+
+    /// Classifies a driver error, with the password masked out.
+    fn error(&self, error: sqlx::Error) -> AuditError {
+        let text = |e: &dyn std::fmt::Display| self.redactor.redact(&format!("PostgreSQL: {e}"));
+        match &error {
+            sqlx::Error::PoolTimedOut => AuditError::Unavailable(format!(
+                "no connection to PostgreSQL within {}s",
+                ACQUIRE_TIMEOUT.as_secs()
+            )),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // query_canceled (statement_timeout), lock_not_available.
+                Some("57014" | "55P03") => AuditError::Timeout,
+                // Connection exceptions, server shutting down or starting,
+                // out of resources, bad credentials: the store is not there.
+                Some(code)
+                    if code.starts_with("08")
+                        || code.starts_with("57")
+                        || code.starts_with("53")
+                        || code.starts_with("28") =>
+                {
+                    AuditError::Unavailable(text(&error))
+                }
+                _ => AuditError::Rejected(text(&error)),
+            },
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::TypeNotFound { .. } => AuditError::Rejected(text(&error)),
+            _ => AuditError::Unavailable(text(&error)),
+        }
+    }
+}
+
+#[async_trait]
+impl AuditLog for PostgresAuditLog {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn append_batch(&self, events: &[NewEvent]) -> Result<Vec<AppendReceipt>, AuditError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        // On error the transaction is dropped, which rolls it back.
+        let receipts = Self::append_in_tx(&mut tx, events)
+            .await
+            .map_err(|e| self.error(e))?;
+        // A failed COMMIT is reported as a failure even though the outcome is
+        // unknown: a row that exists but was reported missing is harmless, a
+        // row reported written that is not would be a silent loss.
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(receipts)
+    }
+
+    async fn page(
+        &self,
+        filter: &EventFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, AuditError> {
+        let limit = i64::from(limit);
+        let rows = match &filter.ts_window {
+            Some((from, to)) => {
+                // Bytewise comparison, whatever the database's default collation.
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM audit_events WHERE id > $1 \
+                     AND ts COLLATE \"C\" >= $2 AND ts COLLATE \"C\" < $3 ORDER BY id LIMIT $4"
+                ))
+                .bind(after_id)
+                .bind(from)
+                .bind(to)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2"
+                ))
+                .bind(after_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(|row| stored_event(row).map_err(|e| self.error(e)))
+            .collect()
+    }
+
+    async fn hash_before(&self, id: i64) -> Result<Option<String>, AuditError> {
+        sqlx::query_scalar("SELECT hash FROM audit_events WHERE id < $1 ORDER BY id DESC LIMIT 1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// `SELECT 1` on an idle pooled connection if there is one, else on one
+    /// direct connection attempt: the pool retries a refused connection
+    /// until its acquire timeout, and a probe should report a server that is
+    /// down at once (guide §6).
+    async fn ping(&self) -> Result<(), AuditError> {
+        if let Some(mut conn) = self.pool.try_acquire() {
+            let result = sqlx::query("SELECT 1").execute(&mut *conn).await;
+            if result.is_err() {
+                conn.close_on_drop();
+            }
+            return result.map(drop).map_err(|e| self.error(e));
+        }
+        let mut conn =
+            tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&self.options))
+                .await
+                .map_err(|_| self.error(sqlx::Error::PoolTimedOut))?
+                .map_err(|e| self.error(e))?;
+        let result = sqlx::query("SELECT 1").execute(&mut conn).await;
+        let _ = conn.close().await;
+        result.map(drop).map_err(|e| self.error(e))
+    }
+}
+
+fn stored_event(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
+    let payload_text: String = row.try_get("payload")?;
+    // JSONB text always parses; should it not, keep the text as a JSON
+    // string so the recomputed hash fails instead of the whole read.
+    let payload =
+        serde_json::from_str(&payload_text).unwrap_or(serde_json::Value::String(payload_text));
+    Ok(StoredEvent {
+        id: row.try_get("id")?,
+        event: NewEvent {
+            request_id: row.try_get("request_id")?,
+            event_id: row.try_get("event_id")?,
+            ts: row.try_get("ts")?,
+            actor: row.try_get("actor")?,
+            action: row.try_get("action")?,
+            decision: row.try_get("decision")?,
+            payload,
+        },
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_are_classified_and_never_carry_the_password() {
+        let dsn = "postgres://casf:hunter2@127.0.0.1:1/casf";
+        let options = super::super::pg_dsn::parse(dsn).unwrap();
+        let log = PostgresAuditLog {
+            pool: PgPoolOptions::new().connect_lazy_with(options.clone()),
+            options,
+            redactor: Redactor::new(crate::config::secrets_of_dsn(dsn)),
+        };
+        let leaky = log.error(sqlx::Error::Configuration(format!("bad DSN {dsn}").into()));
+        assert!(matches!(leaky, AuditError::Unavailable(_)));
+        assert!(!leaky.to_string().contains("hunter2"), "{leaky}");
+        assert!(leaky.to_string().contains("PostgreSQL"), "{leaky}");
+        assert!(matches!(
+            log.error(sqlx::Error::PoolTimedOut),
+            AuditError::Unavailable(_)
+        ));
+        assert!(matches!(
+            log.error(sqlx::Error::ColumnNotFound("hash".into())),
+            AuditError::Rejected(_)
+        ));
+    }
+}

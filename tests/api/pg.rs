@@ -1,0 +1,459 @@
+//! PostgreSQL for the black-box tests: a fresh database per test on the
+//! shared test cluster (`CASF_TEST_PG_DSN`), a private cluster that a test
+//! may stop and restart (`CASF_TEST_PG_BIN`), and the real binary run as a
+//! server or a command against either.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::helpers::AuditRow;
+
+fn required_env(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: these tests need the test services; run ./scripts/test.sh")
+    })
+}
+
+/// The shared cluster's DSN (a `postgres://` URL whose role has CREATEDB).
+pub fn shared_dsn() -> String {
+    required_env("CASF_TEST_PG_DSN")
+}
+
+/// `dsn` pointing at database `name` instead.
+fn with_database(dsn: &str, name: &str) -> String {
+    let (base, query) = match dsn.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (dsn, String::new()),
+    };
+    let (server, _) = base.rsplit_once('/').expect("DSN has a /database part");
+    format!("{server}/{name}{query}")
+}
+
+pub async fn connect(dsn: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(dsn)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"))
+}
+
+/// A database of its own on the shared cluster, dropped afterwards.
+pub struct TestDb {
+    pub name: String,
+    /// `postgres://` URL of this database.
+    pub dsn: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = format!("casf_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&shared_dsn()).await;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("CREATE DATABASE");
+        admin.close().await;
+        TestDb {
+            dsn: with_database(&shared_dsn(), &name),
+            name,
+        }
+    }
+
+    /// A fresh database with the schema applied by `casf-verifier migrate`.
+    pub async fn migrated() -> Self {
+        let db = Self::create().await;
+        let out = cli(&db.dsn, &["migrate"]);
+        assert_eq!(out.status.code(), Some(0), "migrate: {out:?}");
+        db
+    }
+
+    /// The same database as a libpq `key=value` DSN (the guide's form).
+    pub fn key_value_dsn(&self) -> String {
+        let url = shared_dsn();
+        let rest = url.split_once("://").expect("URL").1;
+        let (userinfo, hostpart) = rest.split_once('@').expect("user@host");
+        let (user, password) = userinfo.split_once(':').expect("user:password");
+        let hostport = hostpart.split('/').next().expect("host");
+        let (host, port) = hostport.rsplit_once(':').expect("host:port");
+        format!(
+            "dbname={} user={user} password='{password}' host={host} port={port}",
+            self.name
+        )
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        connect(&self.dsn).await
+    }
+
+    pub async fn rows(&self) -> Vec<AuditRow> {
+        let pool = self.pool().await;
+        let rows = audit_rows(&pool).await;
+        pool.close().await;
+        rows
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async code: a thread with its own runtime.
+        let name = self.name.clone();
+        let done = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let admin = connect(&shared_dsn()).await;
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await;
+                admin.close().await;
+            });
+        });
+        let _ = done.join();
+    }
+}
+
+/// Every audit row, as an independent reader sees them.
+pub async fn audit_rows(pool: &PgPool) -> Vec<AuditRow> {
+    sqlx::query(
+        "SELECT id, request_id, event_id::text AS event_id, ts, actor, action, decision, \
+         payload::text AS payload, prev_hash, hash FROM audit_events ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("select audit rows")
+    .iter()
+    .map(|r| AuditRow {
+        id: r.get("id"),
+        request_id: r.get("request_id"),
+        event_id: r.get("event_id"),
+        ts: r.get("ts"),
+        actor: r.get("actor"),
+        action: r.get("action"),
+        decision: r.get("decision"),
+        payload: r.get("payload"),
+        prev_hash: r.get("prev_hash"),
+        hash: r.get("hash"),
+    })
+    .collect()
+}
+
+fn policies() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// The real binary with a clean environment and `PG_DSN` set.
+pub fn binary(dsn: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_casf-verifier"));
+    command
+        .env_clear()
+        .env("PG_DSN", dsn)
+        .env("RUST_LOG", "warn")
+        .env("CASF_POLICY_DIR", policies());
+    command
+}
+
+/// Runs `casf-verifier <args>` against `dsn`.
+pub fn cli(dsn: &str, args: &[&str]) -> Output {
+    binary(dsn).args(args).output().expect("run casf-verifier")
+}
+
+/// stdout and stderr of a command, for assertions on what it printed.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `casf-verifier serve` process on a port of its own; killed on drop.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the binary and waits (bounded) for its ready line, which
+    /// names the address it listens on.
+    pub fn spawn(dsn: &str) -> Self {
+        let mut child = binary(dsn)
+            .env("RUST_LOG", "info")
+            .env("CASF_HTTP_ADDR", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn casf-verifier");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready, addr) = mpsc::channel();
+        let lines = log.clone();
+        // Keeps draining stderr for the life of the process, so logging
+        // never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                if line.contains("casf-verifier ready")
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("http="))
+                {
+                    let _ = ready.send(addr.to_owned());
+                }
+                lines.lock().expect("log lock").push(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            base: String::new(),
+            log,
+        };
+        match addr.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => server.base = format!("http://{addr}"),
+            Err(_) => panic!("no ready line from casf-verifier:\n{}", server.log()),
+        }
+        server
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub fn stop(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PostgreSQL cluster of the test's own, on a free loopback port, so the
+/// test can stop and restart it without touching the shared one. It runs as
+/// the `postgres` user when the tests run as root (postgres refuses root).
+pub struct PrivateCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    password: String,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PrivateCluster {
+    pub fn start() -> Self {
+        let bin = PathBuf::from(required_env("CASF_TEST_PG_BIN"));
+        let dir = tempfile::Builder::new()
+            .prefix("casf-pg-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(dir.path().join("pwfile"), &password).expect("pwfile");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown to postgres failed");
+        }
+        let cluster = PrivateCluster {
+            port: free_port(),
+            dir,
+            bin,
+            password,
+        };
+        let data = cluster.data();
+        let pwfile = cluster.dir.path().join("pwfile");
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "--pwfile",
+                path_str(&pwfile),
+            ],
+        );
+        cluster.resume();
+        cluster
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut command = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = command.args(args).output().expect("run a PostgreSQL tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}\n{}",
+            printed(&out),
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    /// Starts (or restarts) the server; returns once it accepts connections.
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            path_str(self.dir.path())
+        );
+        let data = self.data();
+        let log = self.dir.path().join("log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    /// Fast shutdown: sessions are ended, as in an outage or a failover.
+    pub fn halt(&self) {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ],
+        );
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The guide's libpq `key=value` form.
+    pub fn dsn(&self) -> String {
+        format!(
+            "dbname=postgres user=postgres password={} host=127.0.0.1 port={}",
+            self.password, self.port
+        )
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let exe = self.bin.join("pg_ctl");
+        let args = ["-D", path_str(&data), "-m", "immediate", "-w", "stop"];
+        let _ = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        };
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// Polls `check` until it holds or `within` passes; true if it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
