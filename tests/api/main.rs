@@ -10,6 +10,7 @@ mod opa_policy;
 mod operator;
 mod pg;
 mod postgres_audit;
+mod production;
 mod redis_state;
 mod servers;
 mod verify;

@@ -13,12 +13,7 @@ use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::helpers::AuditRow;
-
-fn required_env(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: these tests need the test services; run ./scripts/test.sh")
-    })
-}
+use crate::servers::{free_port, required_env};
 
 /// The shared cluster's DSN (a `postgres://` URL whose role has CREATEDB).
 pub fn shared_dsn() -> String {
@@ -173,14 +168,6 @@ pub fn printed(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 fn strip_ansi(line: &str) -> String {
@@ -438,22 +425,4 @@ impl Drop for PrivateCluster {
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temp path")
-}
-
-/// Polls `check` until it holds or `within` passes; true if it held.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
