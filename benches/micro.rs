@@ -86,7 +86,7 @@ fn pipeline(c: &mut Criterion) {
                 .await
                 .expect("sqlite"),
         );
-        let (writer, _task) = AuditWriter::spawn(log);
+        let (writer, _task) = AuditWriter::spawn(log).expect("audit writer starts");
         let state = Arc::new(MemoryState::new(
             Duration::from_secs(86_400),
             Duration::from_secs(30),

@@ -124,7 +124,9 @@ impl Application {
         };
         let (writer, audit_task) = match &audit_log {
             Some(log) => {
-                let (writer, task) = AuditWriter::spawn(log.clone());
+                let (writer, task) = AuditWriter::spawn(log.clone()).map_err(|e| {
+                    AuditError::Unavailable(format!("cannot start the audit writer: {e}"))
+                })?;
                 (Some(writer), Some(task))
             }
             None => (None, None),

@@ -5,6 +5,11 @@
 //! read, which keeps the chain linear even if two processes share the file.
 //! Triggers make the table append-only to casual mistakes; the hash chain is
 //! what catches deliberate tampering.
+//!
+//! Unlike `sql/init.sql`, `event_id` and `hash` carry no UNIQUE index: their
+//! random keys dirtied a page per row per index and cut group-commit
+//! throughput about 2.5x (auditbench, 128 writers). The chain already fails
+//! verification on a duplicated or reordered row.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -22,14 +27,14 @@ const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS audit_events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id  TEXT NOT NULL,
-    event_id    TEXT NOT NULL UNIQUE,
+    event_id    TEXT NOT NULL,
     ts          TEXT NOT NULL,
     actor       TEXT NOT NULL,
     action      TEXT NOT NULL,
     decision    TEXT NOT NULL,
     payload     TEXT NOT NULL,
     prev_hash   TEXT NOT NULL,
-    hash        TEXT NOT NULL UNIQUE
+    hash        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_events_ts ON audit_events (ts);
 CREATE INDEX IF NOT EXISTS audit_events_request_id ON audit_events (request_id);

@@ -1,5 +1,10 @@
 //! Group commit: one task owns all appends.
 //!
+//! The writer runs on a thread and runtime of its own. On the request
+//! runtime it would queue behind every ready request task at each of the
+//! transaction's round trips, and the batch (with every caller waiting on it)
+//! would take many times its I/O.
+//!
 //! Requests queue their event on a channel and wait for their own receipt.
 //! The writer takes everything queued (up to a batch limit), appends it in one
 //! transaction, and answers each caller after that commit. Under load this
@@ -35,12 +40,29 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Starts the writer task. It ends, after flushing what is queued, once
-    /// every `AuditWriter` clone has been dropped.
-    pub fn spawn(log: Arc<dyn AuditLog>) -> (Self, JoinHandle<()>) {
+    /// Starts the writer on its own thread. It ends, after flushing what is
+    /// queued, once every `AuditWriter` clone has been dropped; the returned
+    /// task completes then. Must be called within a Tokio runtime.
+    pub fn spawn(log: Arc<dyn AuditLog>) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
-        let task = tokio::spawn(run(log, queue));
-        (AuditWriter { jobs }, task)
+        let (stopped, on_stop) = oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("casf-audit-writer".into())
+            .spawn(move || {
+                runtime.block_on(run(log, queue));
+                let _ = stopped.send(());
+            })?;
+        let task = tokio::spawn(async move {
+            // An error means the thread died without flushing; callers already
+            // got `Closed` for whatever it held.
+            if on_stop.await.is_err() {
+                tracing::error!("audit writer thread ended abnormally");
+            }
+        });
+        Ok((AuditWriter { jobs }, task))
     }
 
     /// Appends one event and waits until the batch holding it has committed.
@@ -62,7 +84,13 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let events: Vec<NewEvent> = jobs.iter().map(|job| job.event.clone()).collect();
+        let started = std::time::Instant::now();
         let results = append(log.as_ref(), &events).await;
+        tracing::trace!(
+            events = events.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "audit batch"
+        );
         for (job, result) in jobs.drain(..).zip(results) {
             // A caller that gave up waiting is not an error here.
             let _ = job.done.send(result);
