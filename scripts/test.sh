@@ -16,4 +16,15 @@ export CASF_TEST_PG_DSN CASF_TEST_REDIS_URL CASF_TEST_OPA_URL \
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets "$@"
+# Benchmarks in smoke mode: every row must run and produce numbers; no timing is asserted.
+scripts/bench.sh --smoke
+
+# The test suite last, with one closing count over all test binaries.
+mkdir -p target
+set +e
+cargo test --all-targets "$@" 2>&1 | tee target/test-output.log
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+exit "$status"
