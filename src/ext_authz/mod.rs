@@ -45,19 +45,24 @@ impl ExtAuthz {
         ExtAuthz { pipeline, routes }
     }
 
-    /// Decides one Check. Runs as its own task (see [`Authorization::check`]).
-    async fn decide(
-        pipeline: Arc<Pipeline>,
-        routes: Arc<RouteMap>,
-        check: CheckRequest,
-    ) -> Outcome {
-        let request_id = check
+    /// The caller's request id, for answers that have no tool call.
+    fn request_id(check: &CheckRequest) -> String {
+        check
             .attributes
             .as_ref()
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
             .and_then(|http| translate::request_id(&translate::headers(http)).map(str::to_owned))
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Decides one Check. Runs as its own task (see [`Authorization::check`]).
+    async fn decide(
+        pipeline: Arc<Pipeline>,
+        routes: Arc<RouteMap>,
+        check: CheckRequest,
+        request_id: String,
+    ) -> Outcome {
         match translate::tool_call(&routes, &check) {
             Ok(request) => Outcome::Decided {
                 request_id: request.request_id.as_str().to_owned(),
@@ -102,8 +107,13 @@ impl ExtAuthz {
     }
 
     /// The verifier could not decide: deny, fail closed, and say so.
-    fn internal_error(&self, error: &dyn std::fmt::Display, started: Instant) -> CheckResponse {
-        tracing::error!(%error, "ext_authz Check failed internally: denied (fail closed)");
+    fn internal_error(
+        &self,
+        error: &dyn std::fmt::Display,
+        request_id: &str,
+        started: Instant,
+    ) -> CheckResponse {
+        tracing::error!(%error, request_id, "ext_authz Check failed internally: denied (fail closed)");
         let metrics = self.pipeline.metrics();
         metrics.fail_closed(Trigger::Rules);
         metrics.decided(Door::ExtAuthz, Decision::Deny, started.elapsed());
@@ -114,7 +124,7 @@ impl ExtAuthz {
             ],
             Vec::new(),
         );
-        respond::door_denial(&response, "")
+        respond::door_denial(&response, request_id)
     }
 }
 
@@ -125,6 +135,8 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        let check = request.into_inner();
+        let request_id = Self::request_id(&check);
         // Its own task, for two reasons: a panic anywhere in deciding becomes
         // a deny below instead of a dropped stream, and a decision that has
         // started is finished (audited, stored for replays) even when Envoy
@@ -132,13 +144,111 @@ impl Authorization for ExtAuthz {
         let decided = tokio::spawn(Self::decide(
             self.pipeline.clone(),
             self.routes.clone(),
-            request.into_inner(),
+            check,
+            request_id.clone(),
         ))
         .await;
         let response = match decided {
             Ok(outcome) => self.answer(outcome),
-            Err(error) => self.internal_error(&error, started),
+            Err(error) => self.internal_error(&error, &request_id, started),
         };
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::SmsLimit;
+    use crate::policy::{PolicyEngine, PolicyError, PolicyVerdict};
+    use crate::state::memory::MemoryState;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Request as AttrRequest,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use std::time::Duration;
+
+    /// A policy engine with a bug.
+    struct Panics;
+
+    #[async_trait::async_trait]
+    impl PolicyEngine for Panics {
+        fn backend(&self) -> &'static str {
+            "panics"
+        }
+        async fn evaluate(&self, _: &serde_json::Value) -> Result<PolicyVerdict, PolicyError> {
+            panic!("bug in the policy engine")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_deciding_is_an_explicit_fail_closed_deny() {
+        let state = Arc::new(MemoryState::new(
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let pipeline = Pipeline::new(
+            Arc::new(Panics),
+            None,
+            state,
+            None,
+            metrics.clone(),
+            SmsLimit::default(),
+        );
+        let routes = RouteMap::parse(
+            "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
+        )
+        .unwrap();
+        let door = ExtAuthz::new(Arc::new(pipeline), Arc::new(routes));
+        let check = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: "/h/p-1".into(),
+                        headers: [
+                            ("x-request-id".to_owned(), "r-1".to_owned()),
+                            ("x-casf-role".to_owned(), "nurse".to_owned()),
+                        ]
+                        .into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let response = door
+            .check(Request::new(check))
+            .await
+            .expect("a CheckResponse, not a gRPC error")
+            .into_inner();
+        assert_eq!(response.status.as_ref().unwrap().code, 14, "UNAVAILABLE");
+        let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else {
+            panic!("not denied: {response:?}")
+        };
+        assert_eq!(denied.status.as_ref().unwrap().code, 503);
+        let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+        assert_eq!(
+            body["violations"],
+            serde_json::json!(["FAIL_CLOSED", "Verifier_InternalError"])
+        );
+        let request_id = &response.dynamic_metadata.as_ref().unwrap().fields["request_id"];
+        assert_eq!(
+            request_id.kind,
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                "r-1".into()
+            ))
+        );
+        let text = metrics.encode();
+        for line in [
+            "casf_fail_closed_total{trigger=\"rules\"} 1",
+            "casf_door_decision_total{door=\"ext_authz\",decision=\"DENY\"} 1",
+            "casf_verify_in_flight 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?}");
+        }
     }
 }

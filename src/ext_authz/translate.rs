@@ -97,10 +97,12 @@ pub fn headers(http: &HttpRequest) -> HashMap<String, String> {
 
 /// The request id Envoy's caller chose, if any.
 pub fn request_id(headers: &HashMap<String, String>) -> Option<&str> {
-    REQUEST_ID_HEADERS
-        .iter()
-        .find_map(|name| headers.get(*name).map(String::as_str))
-        .filter(|id| !id.is_empty())
+    REQUEST_ID_HEADERS.iter().find_map(|name| {
+        headers
+            .get(*name)
+            .map(String::as_str)
+            .filter(|id| !id.is_empty())
+    })
 }
 
 /// Maps a Check to the tool call it stands for.
@@ -260,20 +262,27 @@ fn json_body(
     http: &HttpRequest,
     headers: &HashMap<String, String>,
 ) -> Result<Option<Map<String, Value>>, CheckError> {
-    if headers
-        .get(PARTIAL_BODY_HEADER)
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-    {
-        return Err(CheckError::invalid(
-            "body",
-            "cut short by Envoy (x-envoy-auth-partial-body: true); raise with_request_body.max_request_bytes",
-        ));
-    }
     let bytes = if http.raw_body.is_empty() {
         http.body.as_bytes()
     } else {
         &http.raw_body
     };
+    // Envoy's mark, or fewer bytes than the request's content-length: the
+    // latter does not depend on a header a client could also send.
+    let marked_partial = headers
+        .get(PARTIAL_BODY_HEADER)
+        .is_some_and(|v| v.split(',').any(|v| v.trim().eq_ignore_ascii_case("true")));
+    let short = !bytes.is_empty() && (bytes.len() as i64) < http.size;
+    if marked_partial || short {
+        return Err(CheckError::invalid(
+            "body",
+            format!(
+                "cut short by Envoy ({PARTIAL_BODY_HEADER}: true, {} of {} bytes); raise with_request_body.max_request_bytes",
+                bytes.len(),
+                http.size
+            ),
+        ));
+    }
     if bytes.is_empty() {
         if http.size > 0 {
             return Err(CheckError::invalid(
@@ -405,6 +414,11 @@ routes:
         headers.push(("x-casf-request-id", "casf-1"));
         let req = tool_call(&routes(true), &check("POST", "/sms/p", &headers, "")).unwrap();
         assert_eq!(req.request_id.as_str(), "casf-1");
+        // An empty header does not count.
+        headers.pop();
+        headers.push(("x-casf-request-id", ""));
+        let req = tool_call(&routes(true), &check("POST", "/sms/p", &headers, "")).unwrap();
+        assert_eq!(req.request_id.as_str(), "idem-1");
         let err = tool_call(
             &routes(true),
             &check("POST", "/sms/p", &[("x-casf-role", "nurse")], ""),
@@ -453,9 +467,25 @@ routes:
             let err = tool_call(&routes(true), &check("POST", "/sms/p", &h, body)).unwrap_err();
             assert_eq!((err.kind(), err.field()), ("bad_request", "body"), "{body}");
         }
-        let partial = [ID, ("x-casf-role", "nurse"), (PARTIAL_BODY_HEADER, "true")];
+        let partial = [
+            ID,
+            ("x-casf-role", "nurse"),
+            (PARTIAL_BODY_HEADER, "false,true"),
+        ];
         let err = tool_call(&routes(true), &check("POST", "/sms/p", &partial, "{}")).unwrap_err();
         assert_eq!(err.field(), "body");
+        // Shorter than its content-length, whatever the headers say.
+        let mut short = check("POST", "/sms/p", &h, "{}");
+        if let Some(http) = short
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+        {
+            http.size = 70_000;
+        }
+        let err = tool_call(&routes(true), &short).unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
         let mut not_forwarded = check("POST", "/sms/p", &h, "");
         if let Some(http) = not_forwarded
             .attributes
