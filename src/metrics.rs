@@ -59,6 +59,26 @@ impl Door {
     }
 }
 
+/// Why a door answered without a pipeline decision (so without an audit row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DoorRejection {
+    /// Not a valid tool call: 400.
+    BadRequest,
+    /// No route maps the call: denied with `Route_Unmapped`.
+    Unmapped,
+}
+
+impl DoorRejection {
+    pub const ALL: [DoorRejection; 2] = [DoorRejection::BadRequest, DoorRejection::Unmapped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DoorRejection::BadRequest => "bad_request",
+            DoorRejection::Unmapped => "unmapped",
+        }
+    }
+}
+
 pub const OPA_ERROR_KINDS: [&str; 4] = ["timeout", "unavailable", "bad_status", "bad_response"];
 pub const AUDIT_ERROR_KINDS: [&str; 4] = ["unavailable", "timeout", "rejected", "closed"];
 
@@ -83,6 +103,12 @@ struct DoorLabels {
     decision: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    door: &'static str,
+    reason: &'static str,
+}
+
 /// All metrics of one verifier process.
 pub struct Metrics {
     registry: Registry,
@@ -96,6 +122,7 @@ pub struct Metrics {
     replay_mismatches: Counter,
     door_decisions: Family<DoorLabels, Counter>,
     audit_failures: Family<KindLabels, Counter>,
+    door_rejections: Family<RejectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,6 +145,7 @@ impl Metrics {
             replay_mismatches: Counter::default(),
             door_decisions: Family::default(),
             audit_failures: Family::default(),
+            door_rejections: Family::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -172,6 +200,12 @@ impl Metrics {
             m.audit_failures.clone(),
         );
 
+        registry.register(
+            "casf_door_rejected",
+            "Calls a door answered without a decision (bad request, unmapped route)",
+            m.door_rejections.clone(),
+        );
+
         // Pre-create every label value so rate() and alerts see a zero first.
         for decision in Decision::ALL {
             m.decisions
@@ -201,6 +235,16 @@ impl Metrics {
         for kind in AUDIT_ERROR_KINDS {
             m.audit_failures
                 .get_or_create(&KindLabels { kind })
+                .inc_by(0);
+        }
+        // Only the ext_authz door rejects on its own; /verify's 4xx are
+        // plain HTTP errors.
+        for reason in DoorRejection::ALL {
+            m.door_rejections
+                .get_or_create(&RejectionLabels {
+                    door: Door::ExtAuthz.as_str(),
+                    reason: reason.as_str(),
+                })
                 .inc_by(0);
         }
         Metrics { registry, ..m }
@@ -252,6 +296,15 @@ impl Metrics {
     pub fn audit_failed(&self, kind: &'static str) {
         self.audit_failures
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    pub fn door_rejected(&self, door: Door, reason: DoorRejection) {
+        self.door_rejections
+            .get_or_create(&RejectionLabels {
+                door: door.as_str(),
+                reason: reason.as_str(),
+            })
             .inc();
     }
 

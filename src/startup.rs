@@ -2,21 +2,29 @@
 //! [`Application`] that binds its listeners up front, so tests can run it on
 //! port 0 and learn the port before serving.
 //!
-//! Shutdown is explicit: stop accepting, let in-flight requests finish, then
-//! drop the pipeline so the audit writer flushes its last batch and exits.
+//! Two listeners share one pipeline and one runtime: HTTP (`/verify` and the
+//! operator endpoints) and gRPC (Envoy ext_authz, health, reflection).
+//!
+//! Shutdown is explicit: both stop accepting, let in-flight requests finish,
+//! then the pipeline is dropped so the audit writer flushes its last batch
+//! and exits.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::postgres::PostgresAuditLog;
 use crate::audit::sqlite::SqliteAuditLog;
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AuditError, AuditLog};
-use crate::config::{AuditBackend, ConfigError, PolicyBackend, Redactor, Settings, StateBackend};
+use crate::config::{
+    AuditBackend, ConfigError, PolicyBackend, Redactor, RoutesFile, Settings, StateBackend,
+};
+use crate::ext_authz::routes::{RouteMap, RouteMapError};
 use crate::health::Readiness;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
@@ -45,6 +53,8 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("routes: {0}")]
+    Routes(#[from] RouteMapError),
     #[error("{var} is set, but this build has no {backend} backend yet")]
     Unsupported {
         var: &'static str,
@@ -107,14 +117,35 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
     }
 }
 
+/// Loads the ext_authz route map. Only the default path may be missing: then
+/// the door runs with no routes, denying every Check as unmapped.
+fn load_routes(file: &RoutesFile) -> Result<(RouteMap, String), StartupError> {
+    let shown = file.path.display();
+    match RouteMap::load(&file.path) {
+        Ok(map) => {
+            let summary = format!("{shown} ({} routes)", map.len());
+            Ok((map, summary))
+        }
+        Err(RouteMapError::Unreadable { .. }) if !file.explicit && !file.path.exists() => {
+            tracing::warn!(path = %shown, "no route map (CASF_ROUTES unset and the default file is missing): every ext_authz Check is denied as unmapped");
+            Ok((RouteMap::empty(), format!("none ({shown} not found)")))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
+    grpc_listener: TcpListener,
     state: Arc<AppState>,
+    routes: Arc<RouteMap>,
+    routes_summary: String,
     audit_task: Option<JoinHandle<()>>,
 }
 
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+        let (routes, routes_summary) = load_routes(&settings.routes)?;
         let policy = build_policy(&settings.policy)?;
         let StateStore { replay, limiter } = build_state(settings).await?;
         let audit_log = if settings.audit_disabled {
@@ -152,13 +183,22 @@ impl Application {
                 addr: settings.http_addr,
                 source,
             })?;
+        let grpc_listener = TcpListener::bind(settings.grpc_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: settings.grpc_addr,
+                source,
+            })?;
         let state = Arc::new(AppState {
             pipeline: Arc::new(pipeline),
             readiness: Arc::new(readiness),
         });
         Ok(Application {
             listener,
+            grpc_listener,
             state,
+            routes: Arc::new(routes),
+            routes_summary,
             audit_task,
         })
     }
@@ -167,27 +207,84 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` completes, then drains requests and the audit queue.
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc_listener.local_addr()
+    }
+
+    /// The route map in use, for the startup line.
+    pub fn routes_summary(&self) -> &str {
+        &self.routes_summary
+    }
+
+    /// Serves until `shutdown` completes, then drains requests and the audit
+    /// queue. If either server stops on its own, the other is stopped too.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let Application {
             listener,
+            grpc_listener,
             state,
+            routes,
             audit_task,
+            ..
         } = self;
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
-            .await?;
-        // The router, and with it the last AuditWriter, is gone: the writer
-        // commits what is queued and stops.
+        let (drain, draining) = watch::channel(false);
+        let drain = Arc::new(drain);
+        let signal = {
+            // Drains when the task ends in any way, a panic in `shutdown`
+            // included: the servers must never outlive their stop signal.
+            let on_end = DrainOnDrop(drain.clone());
+            tokio::spawn(async move {
+                let _on_end = on_end;
+                shutdown.await;
+            })
+        };
+        let stopped = |mut draining: watch::Receiver<bool>| async move {
+            // An error means the sender is gone, which also means stop.
+            let _ = draining.wait_for(|draining| *draining).await;
+        };
+        let grpc = crate::grpc::serve(
+            grpc_listener,
+            state.pipeline.clone(),
+            routes,
+            state.readiness.clone(),
+            draining.clone(),
+            stopped(draining.clone()),
+        );
+        let http = axum::serve(listener, router(state)).with_graceful_shutdown(stopped(draining));
+        let (http, grpc) = tokio::join!(
+            async {
+                let result = http.await;
+                drain.send_replace(true);
+                result
+            },
+            async {
+                let result = grpc.await;
+                drain.send_replace(true);
+                result
+            }
+        );
+        signal.abort();
+        // Both servers, and with them the last AuditWriter, are gone: the
+        // writer commits what is queued and stops.
         if let Some(task) = audit_task
             && let Err(error) = task.await
         {
             tracing::error!(%error, "audit writer ended abnormally");
         }
-        Ok(())
+        http?;
+        grpc.map_err(std::io::Error::other)
+    }
+}
+
+/// Starts the drain of both servers when dropped.
+struct DrainOnDrop(Arc<watch::Sender<bool>>);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
     }
 }
 

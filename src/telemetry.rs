@@ -12,5 +12,8 @@ pub fn init() {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        // When stderr is gone (a closed pipe), a log line is lost; reporting
+        // that with eprintln! would panic the task that logged instead.
+        .log_internal_errors(false)
         .try_init();
 }

@@ -13,6 +13,10 @@ pub mod violation {
     pub const OPA_DENY: &str = "OPA_Deny";
     pub const MODE_KILL_SWITCH: &str = "Mode_KillSwitch";
     pub const MODE_READ_ONLY_NO_WRITE: &str = "Mode_ReadOnly_NoWrite";
+    /// An Envoy Check that no route of the route map matches.
+    pub const ROUTE_UNMAPPED: &str = "Route_Unmapped";
+    /// A door could not get a decision out of the pipeline (fails closed).
+    pub const INTERNAL_ERROR: &str = "Verifier_InternalError";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

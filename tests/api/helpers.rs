@@ -12,6 +12,8 @@ use tokio::task::JoinHandle;
 
 pub struct TestApp {
     pub base: String,
+    /// `http://127.0.0.1:<port>` of the gRPC listener.
+    pub grpc: String,
     pub client: reqwest::Client,
     pub audit_db: PathBuf,
     stop: Option<oneshot::Sender<()>>,
@@ -31,6 +33,7 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
     let mut vars: HashMap<String, String> = HashMap::from([
         ("CASF_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        ("CASF_GRPC_ADDR".into(), "127.0.0.1:0".into()),
         ("CASF_AUDIT_SQLITE".into(), audit_db.display().to_string()),
         ("CASF_POLICY_DIR".into(), policies.display().to_string()),
     ]);
@@ -38,12 +41,14 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     let settings = Settings::from_lookup(|k| vars.get(k).cloned()).expect("test settings");
     let app = Application::build(&settings).await.expect("app builds");
     let addr = app.http_addr().expect("bound address");
+    let grpc = app.grpc_addr().expect("bound gRPC address");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
     TestApp {
         base: format!("http://{addr}"),
+        grpc: format!("http://{grpc}"),
         client: reqwest::Client::new(),
         audit_db,
         stop: Some(stop),

@@ -1,10 +1,12 @@
-//! Black-box tests through real HTTP: each test starts its own application on
-//! port 0, on embedded backends with its own SQLite audit file, or on the
-//! test services (`CASF_TEST_*`, started by `./scripts/test.sh`): PostgreSQL
-//! with a database of its own, Redis and the OPA-compatible server.
+//! Black-box tests through real sockets: each test starts its own application
+//! on port 0 (HTTP and gRPC doors), on embedded backends with its own SQLite
+//! audit file, or on the test services (`CASF_TEST_*`, started by
+//! `./scripts/test.sh`): PostgreSQL with a database of its own, Redis and the
+//! OPA-compatible server.
 
 mod audit;
 mod contract;
+mod ext_authz;
 mod helpers;
 mod opa_policy;
 mod operator;

@@ -112,7 +112,7 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
         ]
     );
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
-    let allowed = ["decision", "trigger", "kind", "door", "le"];
+    let allowed = ["decision", "trigger", "kind", "door", "reason", "le"];
     for sample in text.lines().filter(|l| !l.starts_with('#')) {
         let Some(labels) = sample
             .split_once('{')
@@ -153,6 +153,7 @@ fn startup_names_the_backends_and_sigterm_stops_cleanly() {
     let mut child = binary()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("CASF_HTTP_ADDR", "127.0.0.1:0")
+        .env("CASF_GRPC_ADDR", "127.0.0.1:0")
         .env("CASF_AUDIT_SQLITE", dir.path().join("a.db"))
         .stderr(Stdio::piped())
         .spawn()
@@ -166,6 +167,11 @@ fn startup_names_the_backends_and_sigterm_stops_cleanly() {
     assert!(ready.contains("policy=embedded regorus"), "{ready}");
     assert!(ready.contains("state=in-process memory"), "{ready}");
     assert!(ready.contains("audit=SQLite"), "{ready}");
+    assert!(
+        ready.contains("routes=envoy/routes.yaml (6 routes)"),
+        "{ready}"
+    );
+    assert!(ready.contains("grpc"), "{ready}");
     let status = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())

@@ -145,6 +145,10 @@ fn policies() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
 
+fn routes() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("envoy/routes.yaml")
+}
+
 /// The real binary with a clean environment and `PG_DSN` set.
 pub fn binary(dsn: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_casf-verifier"));
@@ -152,7 +156,11 @@ pub fn binary(dsn: &str) -> Command {
         .env_clear()
         .env("PG_DSN", dsn)
         .env("RUST_LOG", "warn")
-        .env("CASF_POLICY_DIR", policies());
+        .env("CASF_POLICY_DIR", policies())
+        .env("CASF_ROUTES", routes())
+        // Never the fixed default ports: tests run side by side.
+        .env("CASF_HTTP_ADDR", "127.0.0.1:0")
+        .env("CASF_GRPC_ADDR", "127.0.0.1:0");
     command
 }
 
@@ -201,7 +209,6 @@ impl Server {
     pub fn spawn(dsn: &str) -> Self {
         let mut child = binary(dsn)
             .env("RUST_LOG", "info")
-            .env("CASF_HTTP_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -472,11 +472,7 @@ async fn an_unreachable_database_exits_2_without_printing_the_password() {
             &["migrate"],
             &[],
         ] {
-            let out = binary(&dsn)
-                .args(args)
-                .env("CASF_HTTP_ADDR", "127.0.0.1:0")
-                .output()
-                .unwrap();
+            let out = binary(&dsn).args(args).output().unwrap();
             assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
             assert!(
                 !printed(&out).contains(&password),
@@ -509,10 +505,7 @@ async fn an_unreachable_database_exits_2_without_printing_the_password() {
 #[tokio::test]
 async fn serve_refuses_an_unmigrated_database_and_migrate_is_idempotent() {
     let db = TestDb::create().await;
-    let refused = binary(&db.dsn)
-        .env("CASF_HTTP_ADDR", "127.0.0.1:0")
-        .output()
-        .unwrap();
+    let refused = binary(&db.dsn).output().unwrap();
     assert_eq!(refused.status.code(), Some(2), "{}", printed(&refused));
     assert!(
         printed(&refused).contains("casf-verifier migrate"),

@@ -1,0 +1,254 @@
+//! The mesh door: Envoy's `envoy.service.auth.v3.Authorization/Check`.
+//!
+//! A Check is mapped to a tool call by the route map ([`routes`],
+//! [`translate`]), decided by the same [`Pipeline`] as `POST /verify`, and
+//! answered as a `CheckResponse` ([`respond`]). Every outcome is an explicit
+//! `CheckResponse`: a bare gRPC error would leave the outcome to Envoy's
+//! `failure_mode_allow`, so even an internal error becomes a deny here.
+
+pub mod respond;
+pub mod routes;
+pub mod translate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use tonic::{Request, Response, Status};
+
+use crate::domain::{Decision, VerifyResponse, violation};
+use crate::metrics::{Door, DoorRejection, Trigger};
+use crate::pipeline::{Pipeline, Verdict};
+use routes::RouteMap;
+use translate::CheckError;
+
+/// What became of one Check before it was put into words for Envoy.
+enum Outcome {
+    Decided {
+        request_id: String,
+        verdict: Verdict,
+    },
+    Refused {
+        request_id: String,
+        error: CheckError,
+    },
+}
+
+pub struct ExtAuthz {
+    pipeline: Arc<Pipeline>,
+    routes: Arc<RouteMap>,
+}
+
+impl ExtAuthz {
+    pub fn new(pipeline: Arc<Pipeline>, routes: Arc<RouteMap>) -> Self {
+        ExtAuthz { pipeline, routes }
+    }
+
+    /// The caller's request id, for answers that have no tool call.
+    fn request_id(check: &CheckRequest) -> String {
+        check
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .and_then(|http| translate::request_id(&translate::headers(http)).map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// Decides one Check. Runs as its own task (see [`Authorization::check`]).
+    async fn decide(
+        pipeline: Arc<Pipeline>,
+        routes: Arc<RouteMap>,
+        check: CheckRequest,
+        request_id: String,
+    ) -> Outcome {
+        match translate::tool_call(&routes, &check) {
+            Ok(request) => Outcome::Decided {
+                request_id: request.request_id.as_str().to_owned(),
+                verdict: pipeline.decide(&request, Door::ExtAuthz).await,
+            },
+            Err(error) => Outcome::Refused { request_id, error },
+        }
+    }
+
+    fn answer(&self, outcome: Outcome) -> CheckResponse {
+        match outcome {
+            Outcome::Decided {
+                request_id,
+                verdict,
+            } => respond::decision(
+                &verdict.response,
+                &request_id,
+                verdict.audit.as_ref().map(|receipt| receipt.hash.as_str()),
+                &self.routes.identity.headers,
+            ),
+            Outcome::Refused {
+                request_id,
+                error: error @ CheckError::Unmapped { .. },
+            } => {
+                self.pipeline
+                    .metrics()
+                    .door_rejected(Door::ExtAuthz, DoorRejection::Unmapped);
+                tracing::info!(%error, request_id, "Check denied: route unmapped");
+                respond::door_denial(
+                    &VerifyResponse::deny(violation::ROUTE_UNMAPPED),
+                    &request_id,
+                )
+            }
+            Outcome::Refused { request_id, error } => {
+                self.pipeline
+                    .metrics()
+                    .door_rejected(Door::ExtAuthz, DoorRejection::BadRequest);
+                tracing::info!(%error, request_id, "Check refused: bad request");
+                respond::bad_request(&error.body(), &error.to_string(), &request_id)
+            }
+        }
+    }
+
+    /// The verifier could not decide: deny, fail closed, and say so.
+    fn internal_error(
+        &self,
+        error: &dyn std::fmt::Display,
+        request_id: &str,
+        started: Instant,
+    ) -> CheckResponse {
+        tracing::error!(%error, request_id, "ext_authz Check failed internally: denied (fail closed)");
+        let metrics = self.pipeline.metrics();
+        metrics.fail_closed(Trigger::Rules);
+        metrics.decided(Door::ExtAuthz, Decision::Deny, started.elapsed());
+        let response = VerifyResponse::from_violations(
+            vec![
+                violation::FAIL_CLOSED.to_owned(),
+                violation::INTERNAL_ERROR.to_owned(),
+            ],
+            Vec::new(),
+        );
+        respond::door_denial(&response, request_id)
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let check = request.into_inner();
+        let request_id = Self::request_id(&check);
+        // Its own task, for two reasons: a panic anywhere in deciding becomes
+        // a deny below instead of a dropped stream, and a decision that has
+        // started is finished (audited, stored for replays) even when Envoy
+        // gives up waiting and cancels the call.
+        let decided = tokio::spawn(Self::decide(
+            self.pipeline.clone(),
+            self.routes.clone(),
+            check,
+            request_id.clone(),
+        ))
+        .await;
+        let response = match decided {
+            Ok(outcome) => self.answer(outcome),
+            Err(error) => self.internal_error(&error, &request_id, started),
+        };
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::SmsLimit;
+    use crate::policy::{PolicyEngine, PolicyError, PolicyVerdict};
+    use crate::state::memory::MemoryState;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Request as AttrRequest,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use std::time::Duration;
+
+    /// A policy engine with a bug.
+    struct Panics;
+
+    #[async_trait::async_trait]
+    impl PolicyEngine for Panics {
+        fn backend(&self) -> &'static str {
+            "panics"
+        }
+        async fn evaluate(&self, _: &serde_json::Value) -> Result<PolicyVerdict, PolicyError> {
+            panic!("bug in the policy engine")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_deciding_is_an_explicit_fail_closed_deny() {
+        let state = Arc::new(MemoryState::new(
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let pipeline = Pipeline::new(
+            Arc::new(Panics),
+            None,
+            state,
+            None,
+            metrics.clone(),
+            SmsLimit::default(),
+        );
+        let routes = RouteMap::parse(
+            "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
+        )
+        .unwrap();
+        let door = ExtAuthz::new(Arc::new(pipeline), Arc::new(routes));
+        let check = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: "/h/p-1".into(),
+                        headers: [
+                            ("x-request-id".to_owned(), "r-1".to_owned()),
+                            ("x-casf-role".to_owned(), "nurse".to_owned()),
+                        ]
+                        .into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let response = door
+            .check(Request::new(check))
+            .await
+            .expect("a CheckResponse, not a gRPC error")
+            .into_inner();
+        assert_eq!(response.status.as_ref().unwrap().code, 14, "UNAVAILABLE");
+        let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else {
+            panic!("not denied: {response:?}")
+        };
+        assert_eq!(denied.status.as_ref().unwrap().code, 503);
+        let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+        assert_eq!(
+            body["violations"],
+            serde_json::json!(["FAIL_CLOSED", "Verifier_InternalError"])
+        );
+        let request_id = &response.dynamic_metadata.as_ref().unwrap().fields["request_id"];
+        assert_eq!(
+            request_id.kind,
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                "r-1".into()
+            ))
+        );
+        let text = metrics.encode();
+        for line in [
+            "casf_fail_closed_total{trigger=\"rules\"} 1",
+            "casf_door_decision_total{door=\"ext_authz\",decision=\"DENY\"} 1",
+            "casf_verify_in_flight 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?}");
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The gRPC listener (`CASF_GRPC_ADDR`): Envoy's ext_authz `Check`, gRPC
+//! health and server reflection, served by tonic on the same runtime as the
+//! HTTP door.
+
+pub mod health;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::pb::health_server::HealthServer;
+
+use crate::ext_authz::ExtAuthz;
+use crate::ext_authz::routes::RouteMap;
+use crate::health::Readiness;
+use crate::pipeline::Pipeline;
+use health::GrpcHealth;
+
+/// `envoy.service.auth.v3` and everything it imports, for reflection.
+/// Regenerate with `scripts/ext-authz-descriptor.py`.
+pub const EXT_AUTHZ_DESCRIPTOR_SET: &[u8] = include_bytes!("../../proto/ext_authz_v3.binpb");
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("reflection descriptors: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl GrpcError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GrpcError::Reflection(_) => "reflection",
+            GrpcError::Transport(_) => "transport",
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains open calls. `draining`
+/// turns gRPC health to NOT_SERVING as soon as shutdown starts.
+pub async fn serve(
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    routes: Arc<RouteMap>,
+    readiness: Arc<Readiness>,
+    draining: watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GrpcError> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(EXT_AUTHZ_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl and older clients still ask v1alpha first.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .add_service(AuthorizationServer::new(ExtAuthz::new(pipeline, routes)))
+        .add_service(HealthServer::new(GrpcHealth::new(readiness, draining)))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
