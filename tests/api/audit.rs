@@ -60,17 +60,16 @@ pub(crate) fn recompute(row: &crate::helpers::AuditRow) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-#[tokio::test]
-async fn every_decision_is_one_row_and_the_chain_recomputes_from_columns() {
-    let app = spawn_app().await;
-    let decisions = mixed_traffic(&app).await;
-    let rows = app.audit_rows().await;
+/// What every backend's rows must show after `mixed_traffic`: one row per
+/// decision, linked from genesis, each hash recomputable from its columns,
+/// the contract's column formats, and the replay recorded as such.
+pub(crate) fn assert_chain_rows(rows: &[crate::helpers::AuditRow], decisions: usize) {
     assert_eq!(rows.len(), decisions);
     assert_eq!(rows[0].prev_hash, "");
     for pair in rows.windows(2) {
         assert_eq!(pair[1].prev_hash, pair[0].hash);
     }
-    for row in &rows {
+    for row in rows {
         assert_eq!(recompute(row), row.hash, "row {}", row.id);
         assert_eq!(row.actor, "role:nurse");
         assert!(uuid::Uuid::parse_str(&row.event_id).is_ok());
@@ -86,6 +85,14 @@ async fn every_decision_is_one_row_and_the_chain_recomputes_from_columns() {
         assert_eq!(payload["response"]["decision"], row.decision.as_str());
     }
     assert_eq!(rows[1].action, "REPLAY_DETECTED");
+}
+
+#[tokio::test]
+async fn every_decision_is_one_row_and_the_chain_recomputes_from_columns() {
+    let app = spawn_app().await;
+    let decisions = mixed_traffic(&app).await;
+    let rows = app.audit_rows().await;
+    assert_chain_rows(&rows, decisions);
 }
 
 #[tokio::test]

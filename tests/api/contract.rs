@@ -89,3 +89,40 @@ pub async fn assert_stateful_rows(app: &TestApp) -> usize {
     );
     6 + answers.len()
 }
+
+/// Two dozen simultaneous copies of one request: exactly one is processed,
+/// every other copy is answered as a replay, and the SQLite audit trail
+/// shows one tool row and a replay row for each of the others.
+pub async fn assert_duplicates_decided_once(app: &TestApp) {
+    let violations = |d: &Value| d["violations"].clone();
+    let body = request("cliniccloud.create_appointment", "ALLOW");
+    let calls = (0..24).map(|_| app.decide(&body));
+    let decisions = futures::future::join_all(calls).await;
+
+    let allowed = decisions
+        .iter()
+        .filter(|d| d["decision"] == "ALLOW")
+        .count();
+    let concurrent = decisions
+        .iter()
+        .filter(|d| violations(d) == json!(["Inv_ReplayConcurrent"]))
+        .count();
+    assert!(allowed >= 1, "{decisions:?}");
+    assert_eq!(allowed + concurrent, decisions.len(), "{decisions:?}");
+
+    let rows = app.audit_rows().await;
+    let processed = rows
+        .iter()
+        .filter(|r| r.action == "cliniccloud.create_appointment")
+        .count();
+    let replays = rows
+        .iter()
+        .filter(|r| r.action == "REPLAY_DETECTED")
+        .count();
+    assert_eq!(processed, 1, "exactly one processed decision");
+    assert_eq!(
+        replays,
+        decisions.len() - 1,
+        "every other attempt audited as a replay"
+    );
+}

@@ -149,30 +149,7 @@ async fn replay_through_redis_with_a_different_payload_is_denied() {
 #[tokio::test]
 async fn concurrent_duplicates_through_redis_are_decided_exactly_once() {
     let app = spawn_app_on_services(&[]).await;
-    let body = request("cliniccloud.create_appointment", "ALLOW");
-    let decisions = futures::future::join_all((0..24).map(|_| app.decide(&body))).await;
-    let allowed = decisions
-        .iter()
-        .filter(|d| d["decision"] == "ALLOW")
-        .count();
-    let concurrent = decisions
-        .iter()
-        .filter(|d| violations(d) == ["Inv_ReplayConcurrent"])
-        .count();
-    assert!(allowed >= 1, "{decisions:?}");
-    assert_eq!(allowed + concurrent, decisions.len(), "{decisions:?}");
-
-    let rows = app.audit_rows().await;
-    let processed = rows
-        .iter()
-        .filter(|r| r.action == "cliniccloud.create_appointment")
-        .count();
-    let replays = rows
-        .iter()
-        .filter(|r| r.action == "REPLAY_DETECTED")
-        .count();
-    assert_eq!(processed, 1, "exactly one processed decision");
-    assert_eq!(replays, decisions.len() - 1);
+    crate::contract::assert_duplicates_decided_once(&app).await;
 }
 
 #[tokio::test]
