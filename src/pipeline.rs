@@ -117,7 +117,9 @@ impl Pipeline {
     }
 
     async fn run(&self, request: &VerifyRequest) -> Verdict {
-        let fingerprint = request.fingerprint();
+        // One policy input serves the fingerprint (guide §7) and the policy.
+        let input = request.policy_input();
+        let fingerprint = crate::canonical::sha256_hex(&input);
         let mut findings = Findings::default();
 
         // 1. Anti-replay gate.
@@ -164,7 +166,7 @@ impl Pipeline {
         }
 
         // 3. Policy.
-        match self.policy.evaluate(&request.policy_input()).await {
+        match self.policy.evaluate(&input).await {
             Ok(verdict) if !verdict.allow && verdict.violations.is_empty() => {
                 findings.push(violation::OPA_DENY)
             }
