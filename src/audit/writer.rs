@@ -27,6 +27,11 @@ pub const MAX_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 8192;
 /// How long a caller waits for its batch to commit before reporting failure.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the store was unreachable, each batch first pings it for at most
+/// this long. A failed ping fails the batch at once instead of waiting out
+/// the store's connect timeout, so an outage costs decisions milliseconds,
+/// not seconds, and the first successful ping resumes writing.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 struct Job {
     event: NewEvent,
@@ -82,10 +87,18 @@ impl AuditWriter {
 
 async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut unreachable = false;
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let events: Vec<NewEvent> = jobs.iter().map(|job| job.event.clone()).collect();
         let started = std::time::Instant::now();
-        let results = append(log.as_ref(), &events).await;
+        let results = if unreachable && let Err(error) = probe(log.as_ref()).await {
+            events.iter().map(|_| Err(error.clone())).collect()
+        } else {
+            append(log.as_ref(), &events).await
+        };
+        unreachable = results
+            .iter()
+            .any(|r| matches!(r, Err(AuditError::Unavailable(_) | AuditError::Timeout)));
         tracing::trace!(
             events = events.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
@@ -97,6 +110,14 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>) {
         }
     }
     tracing::debug!("audit writer drained and stopped");
+}
+
+/// Whether a store that was unreachable answers again.
+async fn probe(log: &dyn AuditLog) -> Result<(), AuditError> {
+    match tokio::time::timeout(PROBE_TIMEOUT, log.ping()).await {
+        Ok(answer) => answer,
+        Err(_) => Err(AuditError::Timeout),
+    }
 }
 
 /// One result per event. A batch the store rejects (as opposed to one it
@@ -150,6 +171,83 @@ mod tests {
     struct PickyLog {
         stored: Mutex<Vec<String>>,
         unreachable: bool,
+    }
+
+    /// A store whose outage can be switched, counting the appends tried.
+    #[derive(Default)]
+    struct FlakyLog {
+        down: std::sync::atomic::AtomicBool,
+        tried: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl AuditLog for FlakyLog {
+        fn backend(&self) -> &'static str {
+            "flaky"
+        }
+
+        async fn append_batch(
+            &self,
+            events: &[NewEvent],
+        ) -> Result<Vec<AppendReceipt>, AuditError> {
+            self.tried.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(AuditError::Unavailable("down".into()));
+            }
+            Ok(events
+                .iter()
+                .map(|e| AppendReceipt {
+                    id: 1,
+                    hash: e.request_id.clone(),
+                })
+                .collect())
+        }
+
+        async fn page(
+            &self,
+            _: &EventFilter,
+            _: i64,
+            _: u32,
+        ) -> Result<Vec<StoredEvent>, AuditError> {
+            Ok(Vec::new())
+        }
+
+        async fn hash_before(&self, _: i64) -> Result<Option<String>, AuditError> {
+            Ok(None)
+        }
+
+        async fn ping(&self) -> Result<(), AuditError> {
+            match self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Err(AuditError::Unavailable("down".into())),
+                false => Ok(()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn after_an_outage_batches_fail_on_the_ping_and_resume_when_it_answers() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let log = Arc::new(FlakyLog::default());
+        let (writer, task) = AuditWriter::spawn(log.clone()).unwrap();
+
+        log.down.store(true, SeqCst);
+        assert!(matches!(
+            writer.append(event("a")).await,
+            Err(AuditError::Unavailable(_))
+        ));
+        assert_eq!(log.tried.load(SeqCst), 1);
+        // Still down: the ping fails and the store's append is not even tried.
+        assert!(matches!(
+            writer.append(event("b")).await,
+            Err(AuditError::Unavailable(_))
+        ));
+        assert_eq!(log.tried.load(SeqCst), 1);
+
+        log.down.store(false, SeqCst);
+        assert!(writer.append(event("c")).await.is_ok());
+        assert_eq!(log.tried.load(SeqCst), 2);
+        drop(writer);
+        task.await.unwrap();
     }
 
     #[async_trait]
