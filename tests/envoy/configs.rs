@@ -99,3 +99,70 @@ fn istio_sends_the_custom_action_to_the_grpc_door_failing_closed() {
         "timeout {timeout} is within the verifier's own budgets"
     );
 }
+
+/// Every document of a multi-document YAML file.
+fn yaml_documents(path: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_sidecar_uses_the_guide_probes_and_documented_variables() {
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    // The generated ConfigMaps point at the repository's own, tested files.
+    for map in kustomization["configMapGenerator"].as_sequence().unwrap() {
+        for file in map["files"].as_sequence().unwrap() {
+            let source = file.as_str().unwrap().split_once('=').unwrap().1;
+            assert!(
+                repo().join("deploy/kubernetes").join(source).exists(),
+                "{source} does not exist"
+            );
+        }
+    }
+    let docs = yaml_documents("deploy/kubernetes/clinic-tools.yaml");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap();
+    let verifier = containers
+        .iter()
+        .find(|c| c["name"] == "casf-verifier")
+        .unwrap();
+    assert_eq!(verifier["livenessProbe"]["httpGet"]["path"], "/health");
+    assert_eq!(verifier["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(verifier["readinessProbe"]["httpGet"]["port"], 8000);
+
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let mut names: Vec<String> = verifier["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    for literal in kustomization["secretGenerator"][0]["literals"]
+        .as_sequence()
+        .unwrap()
+    {
+        names.push(
+            literal
+                .as_str()
+                .unwrap()
+                .split_once('=')
+                .unwrap()
+                .0
+                .to_owned(),
+        );
+    }
+    for name in names {
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "{name} is not in the README's configuration table"
+        );
+    }
+    // The gRPC door stays on loopback: only Envoy's listener is a Service port.
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], 10000);
+}
