@@ -5,19 +5,24 @@
 //! OPA sidecar (and its network hop and failure mode) from the request path
 //! while evaluating the very same `policies/*.rego` files an OPA server
 //! would. The policies are parsed and analysed exactly once, in
-//! [`EmbeddedPolicy::load`]; requests borrow an already prepared engine from a
-//! small pool, so no request re-parses policy or holds a lock while it
-//! evaluates. [`EmbeddedPolicy::run_tests`] runs the `test_*` rules shipped
-//! next to the policy, so the policy's own unit tests can be checked with the
-//! same interpreter that serves traffic.
+//! [`EmbeddedPolicy::load`], which also compiles the decision rules to RVM
+//! bytecode when the policy stays inside the subset where the compiled
+//! program provably answers like the interpreter ([`super::compiled`],
+//! [`super::subset`]); otherwise the interpreter serves every request.
+//! Requests borrow an already prepared VM or engine from a small pool, so no
+//! request re-parses policy or holds a lock while it evaluates.
+//! [`EmbeddedPolicy::run_tests`] runs the `test_*` rules shipped next to the
+//! policy with the interpreter (they use `with`, which the RVM lacks).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
-use regorus::unstable::{Rule, RuleHead};
+use regorus::unstable::{Module, Rule, RuleHead};
 use regorus::{Engine, Value};
+use serde::Deserialize;
 
-use super::{PolicyEngine, PolicyError, PolicyVerdict};
+use super::compiled::{CompiledDecision, NotCompiled};
+use super::pool::Pool;
+use super::{PolicyEngine, PolicyError, PolicyVerdict, subset};
 
 /// Package path components of the package queried for decisions.
 const DECISION_PACKAGE: &str = "casf";
@@ -68,11 +73,10 @@ pub struct RegoTestResult {
 pub struct EmbeddedPolicy {
     /// All policies added and analysed; cloned when the pool runs dry.
     template: Engine,
-    /// Idle engines, each a clone of `template`. The lock is held only to
-    /// pop or push, never while evaluating.
-    pool: Mutex<Vec<Engine>>,
-    /// Most idle engines kept; extra ones are dropped on return.
-    max_idle: usize,
+    /// Idle engines, each a clone of `template`.
+    engines: Pool<Engine>,
+    /// The fast path, when the policy could be compiled.
+    compiled: Option<CompiledDecision>,
     /// `data.casf.allow`, if the package declares `allow`.
     allow_path: Option<String>,
     /// `data.casf.violations`, if the package declares `violations`.
@@ -145,6 +149,11 @@ impl EmbeddedPolicy {
                 })?;
         // `get_modules` lists modules in the same (insertion) order.
         let modules = engine.get_modules().clone();
+        let module_packages: Vec<(&[String], &Module)> = packages
+            .iter()
+            .zip(modules.iter())
+            .map(|(package, module)| (package.components.as_slice(), &**module))
+            .collect();
 
         let mut has_package = false;
         let mut allow_path = None;
@@ -189,22 +198,54 @@ impl EmbeddedPolicy {
                 reason: e.to_string(),
             })?;
 
-        let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let pool = (0..parallelism).map(|_| engine.clone()).collect();
-        tracing::debug!(
-            origin,
-            files = file_names.len(),
-            tests = tests.len(),
-            "loaded embedded policy"
-        );
-        Ok(Self {
+        let compiled = subset::check(&module_packages, &[DECISION_PACKAGE.to_string()])
+            .map_err(NotCompiled::OutsideSubset)
+            .and_then(|()| {
+                CompiledDecision::compile(
+                    &engine,
+                    allow_path.as_deref(),
+                    violations_path.as_deref(),
+                )
+            });
+        let compiled = match compiled {
+            Ok(compiled) => Some(compiled),
+            Err(why) => {
+                tracing::info!(
+                    origin,
+                    kind = why.kind(),
+                    reason = %why,
+                    "policy is interpreted, not compiled (slower, same answers)"
+                );
+                None
+            }
+        };
+        let Ok(engines) = Pool::per_core(|| Ok::<_, std::convert::Infallible>(engine.clone()));
+        let policy = Self {
             template: engine,
-            pool: Mutex::new(pool),
-            max_idle: parallelism.saturating_mul(2).max(4),
+            engines,
+            compiled,
             allow_path,
             violations_path,
             tests,
-        })
+        };
+        tracing::debug!(
+            origin,
+            files = file_names.len(),
+            tests = policy.tests.len(),
+            evaluator = policy.evaluator(),
+            "loaded embedded policy"
+        );
+        Ok(policy)
+    }
+
+    /// `compiled` when requests run on the compiled program, `interpreter`
+    /// when the policy is outside the compiled subset.
+    pub fn evaluator(&self) -> &'static str {
+        if self.compiled.is_some() {
+            "compiled"
+        } else {
+            "interpreter"
+        }
     }
 
     /// Evaluates `data.casf.allow` and `data.casf.violations` for `input`.
@@ -212,45 +253,66 @@ impl EmbeddedPolicy {
     /// An undefined `allow` is `false`; undefined `violations` is empty;
     /// violations come back sorted.
     pub fn evaluate_sync(&self, input: &serde_json::Value) -> Result<PolicyVerdict, PolicyError> {
-        let input: Value = serde_json::from_value(input.clone()).map_err(|e| {
+        // Deserializing from the borrowed tree skips a deep clone of it.
+        let input = Value::deserialize(input).map_err(|e| {
             PolicyError::BadResponse(format!("policy input not representable: {e}"))
         })?;
-        let mut engine = self.checkout();
-        engine.set_input(input);
-        let verdict = self.decide(&mut engine);
-        if verdict.is_ok() {
-            // Do not keep the request's data around in an idle engine.
-            engine.set_input(Value::new_object());
-            self.checkin(engine);
+        if let Some(compiled) = &self.compiled {
+            match compiled.evaluate(input.clone()) {
+                Ok((allow, violations)) => return verdict(allow, || Ok(violations)),
+                Err(error) => tracing::debug!(
+                    kind = error.kind(),
+                    %error,
+                    "compiled policy gave no answer; the interpreter decides"
+                ),
+            }
         }
-        verdict
+        self.interpret(input)
     }
 
-    fn decide(&self, engine: &mut Engine) -> Result<PolicyVerdict, PolicyError> {
-        let allow = match eval_declared(engine, self.allow_path.as_deref())? {
-            Value::Bool(allow) => allow,
-            Value::Undefined => false,
-            other => {
-                return Err(PolicyError::BadResponse(format!(
-                    "data.casf.allow is not a boolean: {}",
-                    describe(&other)
-                )));
-            }
-        };
-        let violations = eval_declared(engine, self.violations_path.as_deref())?;
-        let mut violations = match &violations {
-            Value::Undefined => Vec::new(),
-            Value::Set(set) => strings(set.iter())?,
-            Value::Array(array) => strings(array.iter())?,
-            other => {
-                return Err(PolicyError::BadResponse(format!(
-                    "data.casf.violations is not a set or array: {}",
-                    describe(other)
-                )));
-            }
-        };
-        violations.sort();
-        Ok(PolicyVerdict { allow, violations })
+    fn interpret(&self, input: Value) -> Result<PolicyVerdict, PolicyError> {
+        let mut engine = self.engines.take().unwrap_or_else(|| self.template.clone());
+        engine.set_input(input);
+        let answer = verdict(
+            eval_declared(&mut engine, self.allow_path.as_deref())?,
+            || eval_declared(&mut engine, self.violations_path.as_deref()),
+        );
+        if answer.is_ok() {
+            // Do not keep the request's data around in an idle engine.
+            engine.set_input(Value::new_object());
+            self.engines.put(engine);
+        }
+        answer
+    }
+
+    #[cfg(test)]
+    pub(super) fn template(&self) -> &Engine {
+        &self.template
+    }
+
+    /// The interpreter's verdict, never the compiled program's.
+    #[cfg(test)]
+    pub(super) fn evaluate_interpreted(
+        &self,
+        input: &serde_json::Value,
+    ) -> Result<PolicyVerdict, PolicyError> {
+        self.interpret(Value::deserialize(input).expect("representable"))
+    }
+
+    /// The compiled program's verdict, without the interpreter fallback:
+    /// `None` when the policy is interpreted, `Some(Err)` when the VM failed.
+    #[cfg(test)]
+    pub(super) fn evaluate_compiled(
+        &self,
+        input: &serde_json::Value,
+    ) -> Option<Result<Result<PolicyVerdict, PolicyError>, super::compiled::RunError>> {
+        let input = Value::deserialize(input).expect("representable");
+        let compiled = self.compiled.as_ref()?;
+        Some(
+            compiled
+                .evaluate(input)
+                .map(|(allow, violations)| verdict(allow, || Ok(violations))),
+        )
     }
 
     /// Runs every rule named `test_*` in every loaded package, each on a fresh
@@ -273,26 +335,38 @@ impl EmbeddedPolicy {
             })
             .collect()
     }
+}
 
-    fn lock_pool(&self) -> MutexGuard<'_, Vec<Engine>> {
-        // The pool holds only interchangeable clones; a panic elsewhere
-        // cannot leave it inconsistent.
-        self.pool
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn checkout(&self) -> Engine {
-        let idle = self.lock_pool().pop();
-        idle.unwrap_or_else(|| self.template.clone())
-    }
-
-    fn checkin(&self, engine: Engine) {
-        let mut pool = self.lock_pool();
-        if pool.len() < self.max_idle {
-            pool.push(engine);
+/// Reads `allow` and (only then) `violations` as the contract defines: an
+/// undefined `allow` is `false`, undefined `violations` is empty, and
+/// violations come back sorted. Both evaluators answer through here.
+fn verdict(
+    allow: Value,
+    violations: impl FnOnce() -> Result<Value, PolicyError>,
+) -> Result<PolicyVerdict, PolicyError> {
+    let allow = match allow {
+        Value::Bool(allow) => allow,
+        Value::Undefined => false,
+        other => {
+            return Err(PolicyError::BadResponse(format!(
+                "data.casf.allow is not a boolean: {}",
+                describe(&other)
+            )));
         }
-    }
+    };
+    let mut violations = match &violations()? {
+        Value::Undefined => Vec::new(),
+        Value::Set(set) => strings(set.iter())?,
+        Value::Array(array) => strings(array.iter())?,
+        other => {
+            return Err(PolicyError::BadResponse(format!(
+                "data.casf.violations is not a set or array: {}",
+                describe(other)
+            )));
+        }
+    };
+    violations.sort();
+    Ok(PolicyVerdict { allow, violations })
 }
 
 #[async_trait::async_trait]
@@ -471,7 +545,13 @@ mod tests {
                 });
             }
         });
-        assert!(policy.lock_pool().len() <= policy.max_idle);
+        assert!(policy.engines.idle_count() <= policy.engines.max_idle());
+        let compiled = policy.compiled.as_ref().expect("reference policy compiles");
+        let (idle, max_idle) = compiled.idle_vms();
+        assert!(
+            0 < idle && idle <= max_idle,
+            "{idle} idle VMs, at most {max_idle}"
+        );
     }
 
     #[test]

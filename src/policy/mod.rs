@@ -1,13 +1,19 @@
 //! Policy evaluation: the Rego `casf` package, behind one trait.
 //!
 //! The pipeline asks a [`PolicyEngine`] for `data.casf` and gets back a
-//! [`PolicyVerdict`]. Two engines exist: the embedded `regorus` interpreter
-//! (the default, loading `CASF_POLICY_DIR`) and an OPA server over its REST
+//! [`PolicyVerdict`]. Two engines exist: the embedded `regorus` engine
+//! (the default, loading `CASF_POLICY_DIR`; compiled to RVM bytecode when the
+//! policy allows, interpreted otherwise) and an OPA server over its REST
 //! API (`OPA_URL`). Errors carry a `kind` that is the `casf_opa_error_total`
 //! label and decides fail-closed behaviour for writes.
 
+pub mod compiled;
+#[cfg(test)]
+mod differential_tests;
 pub mod embedded;
 pub mod opa;
+mod pool;
+pub mod subset;
 
 use async_trait::async_trait;
 
