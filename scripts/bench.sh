@@ -2,12 +2,19 @@
 # Reproducible benchmark matrix; rewrites BENCHMARKS.md.
 #
 #   scripts/bench.sh          full run (about 10 minutes on 2 cores)
-#   scripts/bench.sh --smoke  a few seconds per row, for CI: proves every row
+#   scripts/bench.sh --smoke  a second or so per row, for CI: proves every row
 #                             runs and yields numbers; timings mean nothing
 #
 # It starts the same services as the tests (scripts/services.sh), runs the
-# verifier from target/release on loopback ports of its own, and drives it
-# with examples/loadgen.rs, which shares the machine's cores with it.
+# verifier from target/release on loopback ports it picks, and drives it
+# with examples/loadgen.rs, which shares the machine's cores with it. The
+# Envoy rows run a real Envoy (CASF_TEST_ENVOY, --concurrency 1) rendered
+# from benches/envoy.yaml.in, in front of examples/upstream.rs: one listener
+# with ext_authz to the verifier, one without, in the same run.
+#
+# With CASF_TEST_PG_DSN already in the environment (services started from
+# another checkout, `eval "$(scripts/services.sh env)"`), those services are
+# used as they are and nothing is started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$(pwd)
@@ -19,39 +26,73 @@ else DURATION=10; WARMUP=2; AUDIT_EVENTS=60000; OUT=BENCHMARKS.md; fi
 
 WORK=$REPO/target/bench
 RESULTS=$WORK/results.jsonl
-HTTP_PORT=18080
+# Rows through Envoy without ext_authz; bench_report.py looks for this name.
+NO_EXT_AUTHZ="none (Envoy → upstream, no ext_authz)"
 mkdir -p "$WORK"
 : >"$RESULTS"
 
 log() { echo "bench: $*" >&2; }
 
-cargo build --release --quiet --bin casf-verifier --example loadgen --example auditbench
+# One build of everything, so that cargo's feature set does not change
+# between the binary and the examples (which would rebuild both).
+cargo build --release --quiet --bin casf-verifier --example loadgen --example auditbench --example upstream
 BIN=$REPO/target/release/casf-verifier
 LOADGEN=$REPO/target/release/examples/loadgen
 AUDITBENCH=$REPO/target/release/examples/auditbench
+UPSTREAM=$REPO/target/release/examples/upstream
 
-scripts/services.sh start
-service_env=$(scripts/services.sh env)
-eval "$service_env"
+if [[ -n ${CASF_TEST_PG_DSN:-} ]]; then
+  log "using the services already in the environment (CASF_TEST_*)"
+else
+  scripts/services.sh start
+  eval "$(scripts/services.sh env)"
+fi
+for var in CASF_TEST_PG_DSN CASF_TEST_REDIS_URL CASF_TEST_OPA_URL CASF_TEST_ENVOY; do
+  [[ -n ${!var:-} ]] || { log "$var is not set: eval \"\$(scripts/services.sh env)\" or unset CASF_TEST_PG_DSN"; exit 1; }
+done
 PG_ROOT_DSN=${CASF_TEST_PG_DSN%/*}
 
-# A fresh, migrated database per backend row, so rows do not share a chain.
-fresh_pg() {
-  local name="casf_bench_$1"
-  psql "$CASF_TEST_PG_DSN" -qc "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >/dev/null
-  PG_DSN="$PG_ROOT_DSN/$name" "$BIN" migrate >/dev/null
-  echo "$PG_ROOT_DSN/$name"
+# A loopback port nothing listens on right now.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-VERIFIER_PID=
-stop_verifier() {
-  if [[ -n $VERIFIER_PID ]]; then
-    kill "$VERIFIER_PID" 2>/dev/null || true
-    wait "$VERIFIER_PID" 2>/dev/null || true
-    VERIFIER_PID=
-  fi
+# The shipped route map with the identity headers trusted: the loadgen's
+# gRPC and Envoy doors name the caller's role and tenant in x-casf-* headers.
+ROUTES=$WORK/routes.yaml
+sed 's/^\(    trusted: \)false$/\1true/' envoy/routes.yaml >"$ROUTES"
+grep -q '^    trusted: true$' "$ROUTES" || { log "could not trust the identity headers in $ROUTES"; exit 1; }
+
+VERIFIER_PID= ENVOY_PID= UPSTREAM_PID=
+BENCH_DBS=()
+stop() { # stop PID: ours only, by pid
+  [[ -n $1 ]] || return 0
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
 }
-trap stop_verifier EXIT
+stop_verifier() { stop "$VERIFIER_PID"; VERIFIER_PID=; }
+cleanup() {
+  stop_verifier
+  stop "$ENVOY_PID"
+  stop "$UPSTREAM_PID"
+  local db
+  for db in "${BENCH_DBS[@]}"; do
+    psql "$CASF_TEST_PG_DSN" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A fresh, migrated database per backend row, so rows do not share a chain;
+# named after this run, so that concurrent runs do not collide, and dropped
+# on exit.
+fresh_pg() {
+  local name="casf_bench_$1_$$"
+  PGOPTIONS="-c client_min_messages=warning" psql "$CASF_TEST_PG_DSN" -qc "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >/dev/null
+  BENCH_DBS+=("$name")
+  PG_DSN="$PG_ROOT_DSN/$name" "$BIN" migrate >/dev/null
+  FRESH_DSN=$PG_ROOT_DSN/$name
+}
 
 # start_verifier NAME VAR=VALUE...: runs the verifier with exactly these
 # backend variables and records how long it took until /health answered.
@@ -59,10 +100,12 @@ start_verifier() {
   local name=$1
   shift
   rm -f "$WORK/$name.db"*
+  HTTP_PORT=$(free_port)
+  GRPC_PORT=$(free_port)
   local started
   started=$(date +%s%N)
-  env -i PATH="$PATH" RUST_LOG=warn CASF_HTTP_ADDR=127.0.0.1:$HTTP_PORT \
-    CASF_AUDIT_SQLITE="$WORK/$name.db" "$@" "$BIN" 2>"$WORK/$name.log" &
+  env -i PATH="$PATH" RUST_LOG=warn CASF_HTTP_ADDR=127.0.0.1:$HTTP_PORT CASF_GRPC_ADDR=127.0.0.1:$GRPC_PORT \
+    CASF_ROUTES="$ROUTES" CASF_AUDIT_SQLITE="$WORK/$name.db" "$@" "$BIN" 2>"$WORK/$name.log" &
   VERIFIER_PID=$!
   local deadline=$((SECONDS + 30))
   until curl -fs "http://127.0.0.1:$HTTP_PORT/health" >/dev/null 2>&1; do
@@ -74,12 +117,47 @@ start_verifier() {
   echo "{\"row\":\"startup\",\"backends\":\"$name\",\"ready_ms\":$ready_ms}" >>"$RESULTS"
 }
 
-# load BACKENDS DOOR LOADGEN-ARGS...: one loadgen run, appended to the results.
+# The upstream and the Envoy in front of it, for the Envoy rows of one
+# verifier (its gRPC port is in the rendered config).
+start_envoy() {
+  "$UPSTREAM" --addr 127.0.0.1:0 >"$WORK/upstream.out" 2>"$WORK/upstream.log" &
+  UPSTREAM_PID=$!
+  local deadline=$((SECONDS + 30))
+  until grep -q '^LISTENING ' "$WORK/upstream.out" 2>/dev/null; do
+    ((SECONDS < deadline)) && kill -0 "$UPSTREAM_PID" 2>/dev/null || { cat "$WORK/upstream.log" >&2; log "upstream did not start"; exit 1; }
+    sleep 0.01
+  done
+  UPSTREAM_PORT=$(awk '/^LISTENING /{print $2; exit}' "$WORK/upstream.out")
+  AUTHZ_PORT=$(free_port)
+  PLAIN_PORT=$(free_port)
+  local admin_port
+  admin_port=$(free_port)
+  sed -e "s/@AUTHZ_PORT@/$AUTHZ_PORT/g" -e "s/@PLAIN_PORT@/$PLAIN_PORT/g" -e "s/@ADMIN_PORT@/$admin_port/g" \
+    -e "s/@GRPC_PORT@/$GRPC_PORT/g" -e "s/@UPSTREAM_PORT@/$UPSTREAM_PORT/g" benches/envoy.yaml.in >"$WORK/envoy.yaml"
+  if grep -v '^ *#' "$WORK/envoy.yaml" | grep -q '@[A-Z_]*@'; then log "unrendered placeholder in $WORK/envoy.yaml"; exit 1; fi
+  # One worker thread: the two cores are shared with the verifier and loadgen.
+  "$CASF_TEST_ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 --disable-hot-restart -l warning \
+    >/dev/null 2>"$WORK/envoy.log" &
+  ENVOY_PID=$!
+  deadline=$((SECONDS + 30))
+  until curl -fs "http://127.0.0.1:$admin_port/ready" >/dev/null 2>&1 &&
+    curl -fs "http://127.0.0.1:$PLAIN_PORT/" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) && kill -0 "$ENVOY_PID" 2>/dev/null || { cat "$WORK/envoy.log" >&2; log "envoy did not start"; exit 1; }
+    sleep 0.05
+  done
+}
+
+stop_envoy() {
+  stop "$ENVOY_PID"; ENVOY_PID=
+  stop "$UPSTREAM_PID"; UPSTREAM_PID=
+}
+
+# load BACKENDS DOOR URL LOADGEN-ARGS...: one loadgen run, appended to the results.
 load() {
-  local backends=$1 door=$2
-  shift 2
+  local backends=$1 door=$2 url=$3
+  shift 3
   log "$backends / $door: $*"
-  "$LOADGEN" --door "$door" --url "http://127.0.0.1:$HTTP_PORT" --duration "$DURATION" --warmup "$WARMUP" \
+  "$LOADGEN" --door "$door" --url "$url" --duration "$DURATION" --warmup "$WARMUP" \
     --pid "$VERIFIER_PID" --json "$@" |
     python3 -c 'import json,sys; r=json.load(sys.stdin); r["row"]="load"; r["backends"]=sys.argv[1]; r["args"]=sys.argv[2]; print(json.dumps(r))' \
       "$backends" "$*" >>"$RESULTS"
@@ -87,30 +165,41 @@ load() {
 
 # The load matrix for one backend profile on the HTTP door.
 matrix() {
-  local backends=$1
-  load "$backends" http --scenario mix --connections 256
-  load "$backends" http --scenario write-allow --connections 256
-  load "$backends" http --scenario read-allow --connections 64
-  load "$backends" http --scenario mix --rate 1000 --connections 64
+  local backends=$1 url=http://127.0.0.1:$HTTP_PORT
+  load "$backends" http "$url" --scenario mix --connections 256
+  load "$backends" http "$url" --scenario write-allow --connections 256
+  load "$backends" http "$url" --scenario read-allow --connections 64
+  load "$backends" http "$url" --scenario mix --rate 1000 --connections 64
 }
 
 start_verifier embedded
 matrix embedded
+load embedded grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --connections 256
 stop_verifier
 
-start_verifier pg-redis-regorus PG_DSN="$(fresh_pg regorus)" REDIS_URL="$CASF_TEST_REDIS_URL"
+fresh_pg regorus
+start_verifier pg-redis-regorus PG_DSN="$FRESH_DSN" REDIS_URL="$CASF_TEST_REDIS_URL"
 matrix pg-redis-regorus
+load pg-redis-regorus grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --connections 256
+load pg-redis-regorus grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --rate 1000 --connections 64
+start_envoy
+# Plain Envoy first, then the same calls through ext_authz; both at 1,000/s.
+load "$NO_EXT_AUTHZ" envoy "http://127.0.0.1:$PLAIN_PORT" --scenario mix --rate 1000 --connections 16
+load pg-redis-regorus envoy "http://127.0.0.1:$AUTHZ_PORT" --scenario mix --rate 1000 --connections 16
+stop_envoy
 stop_verifier
 
-start_verifier pg-redis-opa PG_DSN="$(fresh_pg opa)" REDIS_URL="$CASF_TEST_REDIS_URL" OPA_URL="$CASF_TEST_OPA_URL"
+fresh_pg opa
+start_verifier pg-redis-opa PG_DSN="$FRESH_DSN" REDIS_URL="$CASF_TEST_REDIS_URL" OPA_URL="$CASF_TEST_OPA_URL"
 matrix pg-redis-opa
 stop_verifier
 
 # The audit writer alone, one process and then two on one database.
-audit_dsn=$(fresh_pg auditbench)
+fresh_pg auditbench
+audit_dsn=$FRESH_DSN
 PG_DSN=$audit_dsn "$AUDITBENCH" --events "$AUDIT_EVENTS" |
   python3 -c 'import json,sys; r=json.load(sys.stdin); r["row"]="audit"; r["writers"]=1; print(json.dumps(r))' >>"$RESULTS"
-for _ in 1 2; do PG_DSN=$audit_dsn "$AUDITBENCH" --events "$AUDIT_EVENTS" >"$WORK/audit-$_.json" & done
+for writer in 1 2; do PG_DSN=$audit_dsn "$AUDITBENCH" --events "$AUDIT_EVENTS" >"$WORK/audit-$writer.json" & done
 wait
 for f in "$WORK"/audit-1.json "$WORK"/audit-2.json; do
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["row"]="audit"; r["writers"]=2; print(json.dumps(r))' "$f" >>"$RESULTS"

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -253,6 +254,12 @@ impl Application {
             draining.clone(),
             stopped(draining.clone()),
         );
+        // TCP_NODELAY, so that no part of a response waits for the client's ACK.
+        let listener = listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY not set on an HTTP connection");
+            }
+        });
         let http = axum::serve(listener, router(state)).with_graceful_shutdown(stopped(draining));
         let (http, grpc) = tokio::join!(
             async {

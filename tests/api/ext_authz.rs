@@ -23,7 +23,8 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-use crate::helpers::{TestApp, fresh_id, metric_value, spawn_app};
+use crate::helpers::{TestApp, fresh_id, metric_value, spawn_app, spawn_app_with};
+use crate::servers::{OpaServer, wait_until};
 
 const OK: i32 = 0;
 const INVALID_ARGUMENT: i32 = 3;
@@ -420,6 +421,59 @@ async fn grpc_health_matches_healthz_and_knows_its_services() {
         health(&app, "no.such.Service").await,
         Err(tonic::Code::NotFound)
     );
+}
+
+/// The services a prober may ask about, and how long a status may take to follow.
+const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.auth.v3.Authorization"];
+const HEALTH_DEADLINE: Duration = Duration::from_secs(20);
+
+async fn all_services_are(app: &TestApp, status: ServingStatus) -> bool {
+    for service in HEALTH_SERVICES {
+        if health(app, service).await != Ok(status as i32) {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn grpc_health_is_not_serving_while_a_dependency_is_down_and_serving_once_it_is_back() {
+    let mut opa = OpaServer::start().await;
+    let url = opa.url();
+    let app = spawn_app_with(&[("OPA_URL", url.as_str())]).await;
+    assert_eq!(app.get("/healthz").await.0, 200);
+    assert!(all_services_are(&app, ServingStatus::Serving).await);
+
+    opa.stop();
+    wait_until(
+        HEALTH_DEADLINE,
+        "gRPC health NOT_SERVING with OPA down",
+        || all_services_are(&app, ServingStatus::NotServing),
+    )
+    .await;
+    // The same dependency, seen through /healthz at the same time.
+    let (status, body) = app.get("/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    let detail: Value = serde_json::from_str(&body).expect("JSON /healthz body");
+    assert!(
+        detail["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("opa: ")),
+        "{body}"
+    );
+    // Still down: the status does not flap back on its own.
+    assert!(all_services_are(&app, ServingStatus::NotServing).await);
+    assert_eq!(
+        health(&app, "no.such.Service").await,
+        Err(tonic::Code::NotFound)
+    );
+
+    opa.restart().await;
+    wait_until(HEALTH_DEADLINE, "gRPC health SERVING with OPA back", || {
+        all_services_are(&app, ServingStatus::Serving)
+    })
+    .await;
+    assert_eq!(app.get("/healthz").await.0, 200);
 }
 
 #[tokio::test]

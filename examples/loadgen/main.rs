@@ -4,11 +4,23 @@
 //! (no coordinated omission). Loopback targets only; every run is bounded
 //! by `--duration` and `--requests`.
 //!
+//! Three doors carry the same tool calls ([`workload`]):
+//! - `http`: `POST /verify` on the verifier's HTTP listener;
+//! - `grpc`: `Authorization/Check` on its gRPC listener, each Check built as
+//!   Envoy builds it for the tool call (the verifier's route map must trust
+//!   the identity headers `x-casf-role` and `x-casf-tenant-id`);
+//! - `envoy`: the tool call itself (`POST /cliniccloud/patients/…`) to an
+//!   Envoy listener; an ALLOW is the upstream's 2xx, a DENY Envoy's 403.
+//!
 //! ```text
 //! cargo run --release --example loadgen -- --door http --url http://127.0.0.1:8000 \
 //!     --scenario mix --connections 32 --duration 10
-//! cargo run --release --example loadgen -- --rate 1000 --duration 10 --pid $(pgrep casf-verifier)
+//! cargo run --release --example loadgen -- --door grpc --url http://127.0.0.1:9191 --rate 1000
+//! cargo run --release --example loadgen -- --door envoy --url http://127.0.0.1:10000 --rate 1000
 //! ```
+
+mod doors;
+mod workload;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -17,25 +29,30 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Mutex;
+
+use doors::{DoorClient, Reply, Verdict};
+use workload::{Scenario, Workload};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Door {
-    /// `POST /verify`.
+    /// `POST /verify` on the verifier's HTTP listener.
     Http,
+    /// ext_authz `Check` on the verifier's gRPC listener.
+    Grpc,
+    /// The tool call itself, through an Envoy listener.
+    Envoy,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Scenario {
-    /// `list_appointments` in ALLOW mode.
-    ReadAllow,
-    /// `create_appointment` in ALLOW mode, unique patient each time.
-    WriteAllow,
-    /// `generate_invoice` in READ_ONLY mode.
-    Deny,
-    /// Reads, writes, denials, replays and SMS (some to the same patient).
-    Mix,
+impl Door {
+    fn default_url(self) -> &'static str {
+        match self {
+            Door::Http => "http://127.0.0.1:8000",
+            Door::Grpc => "http://127.0.0.1:9191",
+            Door::Envoy => "http://127.0.0.1:10000",
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -43,12 +60,13 @@ enum Scenario {
 struct Args {
     #[arg(long, value_enum, default_value = "http")]
     door: Door,
-    /// Base URL of the verifier (loopback only).
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
-    url: String,
+    /// Base URL of the door (loopback only). Defaults: http :8000, grpc
+    /// :9191, envoy :10000 on 127.0.0.1.
+    #[arg(long)]
+    url: Option<String>,
     #[arg(long, value_enum, default_value = "mix")]
     scenario: Scenario,
-    /// Concurrent connections (closed loop) or the in-flight cap (open loop).
+    /// Concurrent requests (closed loop) or the in-flight cap / 64 (open loop).
     #[arg(long, default_value_t = 16)]
     connections: usize,
     /// Fixed arrival rate in requests/s (open loop); omit for closed loop.
@@ -71,105 +89,54 @@ struct Args {
     json: bool,
 }
 
-/// Makes request bodies; unique ids and patients so that neither the
-/// anti-replay gate nor the SMS limit short-circuits the work, except where
-/// the mix asks for replays and bursts on purpose.
-struct Workload {
-    scenario: Scenario,
-    run: String,
-    next: AtomicU64,
-}
-
-impl Workload {
-    fn body(&self) -> Value {
-        self.body_for(self.next.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// The `n`th request of the run, the same every time it is asked for.
-    fn body_for(&self, n: u64) -> Value {
-        let id = |k: u64| format!("{}-{k}", self.run);
-        let call = |tool: &str, mode: &str, request_id: String, patient: String| {
-            json!({
-                "request_id": request_id,
-                "tool": tool,
-                "mode": mode,
-                "role": "receptionist",
-                "subject": {"patient_id": patient},
-                "args": {"slot": "2026-12-01T09:00", "duration_min": 30},
-                "context": {"tenant_id": "clinic-a"}
-            })
-        };
-        let scenario = match self.scenario {
-            Scenario::Mix => match n % 20 {
-                0..=9 => Scenario::ReadAllow,
-                10..=14 => Scenario::WriteAllow,
-                15..=16 => Scenario::Deny,
-                // A replay of an earlier write: same id, same payload.
-                17 => return self.body_for(n - 7),
-                // SMS: every other one goes to an already-messaged patient.
-                _ => {
-                    return call(
-                        "twilio.send_sms",
-                        "ALLOW",
-                        id(n),
-                        format!("p-sms-{}", n / 2),
-                    );
-                }
-            },
-            other => other,
-        };
-        match scenario {
-            Scenario::ReadAllow => call(
-                "cliniccloud.list_appointments",
-                "ALLOW",
-                id(n),
-                format!("p-{n}"),
-            ),
-            Scenario::WriteAllow => call(
-                "cliniccloud.create_appointment",
-                "ALLOW",
-                id(n),
-                format!("p-{n}"),
-            ),
-            _ => call(
-                "stripe.generate_invoice",
-                "READ_ONLY",
-                id(n),
-                format!("p-{n}"),
-            ),
-        }
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     sent: AtomicU64,
+    /// No response at all (connection refused, reset, gRPC error status).
     errors: AtomicU64,
+    /// Responses whose HTTP status was not 2xx, denials through Envoy included.
     non_2xx: AtomicU64,
     allow: AtomicU64,
     deny: AtomicU64,
+    /// Responses that were neither an allow nor a decision to deny.
+    undecided: AtomicU64,
 }
 
 struct Recorder {
     latencies: Mutex<Histogram<u64>>,
     tally: Tally,
     record_after: Instant,
+    /// The first error or undecided response, to say what went wrong.
+    first_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Recorder {
-    async fn record(&self, intended: Instant, outcome: Result<(u16, Option<String>), String>) {
+    fn note_problem(&self, problem: String) {
+        if let Ok(mut first) = self.first_problem.lock() {
+            first.get_or_insert(problem);
+        }
+    }
+
+    async fn record(&self, intended: Instant, outcome: Result<Reply, String>) {
+        let tally = &self.tally;
         match outcome {
-            Ok((status, decision)) => {
-                if !(200..300).contains(&status) {
-                    self.tally.non_2xx.fetch_add(1, Ordering::Relaxed);
+            Ok(reply) => {
+                if !(200..300).contains(&reply.status) {
+                    tally.non_2xx.fetch_add(1, Ordering::Relaxed);
                 }
-                match decision.as_deref() {
-                    Some("ALLOW") => self.tally.allow.fetch_add(1, Ordering::Relaxed),
-                    _ => self.tally.deny.fetch_add(1, Ordering::Relaxed),
+                let counter = match reply.verdict {
+                    Verdict::Allow => &tally.allow,
+                    Verdict::Deny => &tally.deny,
+                    Verdict::Undecided => &tally.undecided,
                 };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(detail) = reply.detail {
+                    self.note_problem(detail);
+                }
             }
-            Err(_) => {
-                self.tally.errors.fetch_add(1, Ordering::Relaxed);
+            Err(error) => {
+                tally.errors.fetch_add(1, Ordering::Relaxed);
+                self.note_problem(error);
             }
         }
         if intended >= self.record_after {
@@ -179,22 +146,6 @@ impl Recorder {
             histogram.saturating_record(micros.max(1));
         }
     }
-}
-
-async fn call(
-    client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-) -> Result<(u16, Option<String>), String> {
-    let response = client
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let decision: Value = response.json().await.map_err(|e| e.to_string())?;
-    Ok((status, decision["decision"].as_str().map(str::to_owned)))
 }
 
 fn ensure_loopback(url: &str) -> Result<(), String> {
@@ -224,19 +175,17 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Args::parse();
-    ensure_loopback(&args.url)?;
-    let Door::Http = args.door;
-    let url = format!("{}/verify", args.url.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.connections)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let workload = Arc::new(Workload {
-        scenario: args.scenario,
-        run: uuid::Uuid::new_v4().to_string(),
-        next: AtomicU64::new(0),
-    });
+    let url = args
+        .url
+        .clone()
+        .unwrap_or_else(|| args.door.default_url().to_owned());
+    ensure_loopback(&url)?;
+    let door = match args.door {
+        Door::Http => DoorClient::http(&url, args.connections)?,
+        Door::Grpc => DoorClient::grpc(&url).await?,
+        Door::Envoy => DoorClient::envoy(&url, args.connections)?,
+    };
+    let workload = Arc::new(Workload::new(args.scenario));
     let started = Instant::now();
     let recorder = Arc::new(Recorder {
         latencies: Mutex::new(
@@ -244,26 +193,22 @@ async fn main() -> Result<(), String> {
         ),
         tally: Tally::default(),
         record_after: started + Duration::from_secs_f64(args.warmup),
+        first_problem: std::sync::Mutex::new(None),
     });
     let deadline = started + Duration::from_secs_f64(args.warmup + args.duration);
 
     match args.rate {
         None => {
             let workers = (0..args.connections).map(|_| {
-                let (client, url, workload, recorder) = (
-                    client.clone(),
-                    url.clone(),
-                    workload.clone(),
-                    recorder.clone(),
-                );
+                let (door, workload, recorder) = (door.clone(), workload.clone(), recorder.clone());
                 let limit = args.requests;
                 tokio::spawn(async move {
                     while Instant::now() < deadline
                         && recorder.tally.sent.fetch_add(1, Ordering::Relaxed) < limit
                     {
-                        let body = workload.body();
+                        let call = workload.next_call();
                         let intended = Instant::now();
-                        let outcome = call(&client, &url, &body).await;
+                        let outcome = door.send(&call).await;
                         recorder.record(intended, outcome).await;
                     }
                 })
@@ -289,16 +234,11 @@ async fn main() -> Result<(), String> {
                     .acquire_owned()
                     .await
                     .map_err(|e| e.to_string())?;
-                let (client, url, workload, recorder) = (
-                    client.clone(),
-                    url.clone(),
-                    workload.clone(),
-                    recorder.clone(),
-                );
+                let (door, workload, recorder) = (door.clone(), workload.clone(), recorder.clone());
                 recorder.tally.sent.fetch_add(1, Ordering::Relaxed);
                 tasks.spawn(async move {
-                    let body = workload.body();
-                    let outcome = call(&client, &url, &body).await;
+                    let call = workload.next_call();
+                    let outcome = door.send(&call).await;
                     recorder.record(intended, outcome).await;
                     drop(permit);
                 });
@@ -313,18 +253,27 @@ async fn main() -> Result<(), String> {
     let histogram = recorder.latencies.lock().await;
     let tally = &recorder.tally;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let first_problem = recorder
+        .first_problem
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default();
     let report = json!({
         "door": format!("{:?}", args.door).to_lowercase(),
+        "url": url,
         "scenario": format!("{:?}", args.scenario),
         "mode": if let Some(rate) = args.rate { format!("open loop {rate}/s") } else { format!("closed loop, {} connections", args.connections) },
         "recorded": histogram.len(),
         "throughput_rps": (histogram.len() as f64 / elapsed.max(1e-9)).round(),
         "p50_ms": ms(0.50), "p90_ms": ms(0.90), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
         "max_ms": histogram.max() as f64 / 1000.0,
-        "errors": tally.errors.load(Ordering::Relaxed),
-        "non_2xx": tally.non_2xx.load(Ordering::Relaxed),
-        "allow": tally.allow.load(Ordering::Relaxed),
-        "deny": tally.deny.load(Ordering::Relaxed),
+        "errors": count(&tally.errors),
+        "non_2xx": count(&tally.non_2xx),
+        "allow": count(&tally.allow),
+        "deny": count(&tally.deny),
+        "undecided": count(&tally.undecided),
+        "first_problem": first_problem,
         "verifier_peak_rss_mib": args.pid.and_then(peak_rss_kib).map(|kib| (kib as f64 / 1024.0 * 10.0).round() / 10.0),
     });
     if args.json {
