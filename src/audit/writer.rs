@@ -165,72 +165,24 @@ mod tests {
     use crate::audit::{EventFilter, StoredEvent};
     use async_trait::async_trait;
     use std::sync::Mutex;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
-    /// Rejects any batch holding a "poison" event; counts what it stored.
+    /// Rejects any batch holding a "poison" event; counts what it stored and
+    /// the appends it was asked for; its outage can be switched on and off.
     #[derive(Default)]
     struct PickyLog {
         stored: Mutex<Vec<String>>,
-        unreachable: bool,
-    }
-
-    /// A store whose outage can be switched, counting the appends tried.
-    #[derive(Default)]
-    struct FlakyLog {
-        down: std::sync::atomic::AtomicBool,
-        tried: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait]
-    impl AuditLog for FlakyLog {
-        fn backend(&self) -> &'static str {
-            "flaky"
-        }
-
-        async fn append_batch(
-            &self,
-            events: &[NewEvent],
-        ) -> Result<Vec<AppendReceipt>, AuditError> {
-            self.tried.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(AuditError::Unavailable("down".into()));
-            }
-            Ok(events
-                .iter()
-                .map(|e| AppendReceipt {
-                    id: 1,
-                    hash: e.request_id.clone(),
-                })
-                .collect())
-        }
-
-        async fn page(
-            &self,
-            _: &EventFilter,
-            _: i64,
-            _: u32,
-        ) -> Result<Vec<StoredEvent>, AuditError> {
-            Ok(Vec::new())
-        }
-
-        async fn hash_before(&self, _: i64) -> Result<Option<String>, AuditError> {
-            Ok(None)
-        }
-
-        async fn ping(&self) -> Result<(), AuditError> {
-            match self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                true => Err(AuditError::Unavailable("down".into())),
-                false => Ok(()),
-            }
-        }
+        unreachable: AtomicBool,
+        tried: AtomicUsize,
     }
 
     #[tokio::test]
     async fn after_an_outage_batches_fail_on_the_ping_and_resume_when_it_answers() {
-        use std::sync::atomic::Ordering::SeqCst;
-        let log = Arc::new(FlakyLog::default());
+        let log = Arc::new(PickyLog::default());
         let (writer, task) = AuditWriter::spawn(log.clone()).unwrap();
 
-        log.down.store(true, SeqCst);
+        log.unreachable.store(true, SeqCst);
         assert!(matches!(
             writer.append(event("a")).await,
             Err(AuditError::Unavailable(_))
@@ -243,7 +195,7 @@ mod tests {
         ));
         assert_eq!(log.tried.load(SeqCst), 1);
 
-        log.down.store(false, SeqCst);
+        log.unreachable.store(false, SeqCst);
         assert!(writer.append(event("c")).await.is_ok());
         assert_eq!(log.tried.load(SeqCst), 2);
         drop(writer);
@@ -260,7 +212,8 @@ mod tests {
             &self,
             events: &[NewEvent],
         ) -> Result<Vec<AppendReceipt>, AuditError> {
-            if self.unreachable {
+            self.tried.fetch_add(1, SeqCst);
+            if self.unreachable.load(SeqCst) {
                 return Err(AuditError::Unavailable("down".into()));
             }
             if events.iter().any(|e| e.request_id == "poison") {
@@ -293,6 +246,9 @@ mod tests {
         }
 
         async fn ping(&self) -> Result<(), AuditError> {
+            if self.unreachable.load(SeqCst) {
+                return Err(AuditError::Unavailable("down".into()));
+            }
             Ok(())
         }
     }
@@ -321,7 +277,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_store_fails_the_batch_without_retrying_each_event() {
         let log = PickyLog {
-            unreachable: true,
+            unreachable: AtomicBool::new(true),
             ..PickyLog::default()
         };
         let results = append(&log, &[event("a"), event("b")]).await;
