@@ -104,7 +104,7 @@ start_verifier() {
   GRPC_PORT=$(free_port)
   local started
   started=$(date +%s%N)
-  env -i PATH="$PATH" RUST_LOG=warn CASF_HTTP_ADDR=127.0.0.1:$HTTP_PORT CASF_GRPC_ADDR=127.0.0.1:$GRPC_PORT \
+  env -i PATH="$PATH" RUST_LOG=warn MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0 CASF_HTTP_ADDR=127.0.0.1:$HTTP_PORT CASF_GRPC_ADDR=127.0.0.1:$GRPC_PORT \
     CASF_ROUTES="$ROUTES" CASF_AUDIT_SQLITE="$WORK/$name.db" "$@" "$BIN" 2>"$WORK/$name.log" &
   VERIFIER_PID=$!
   local deadline=$((SECONDS + 30))
