@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{READ_TOOLS, TestApp, WRITE_TOOLS, fresh_id, request};
+use crate::helpers::{READ_TOOLS, TestApp, WRITE_TOOLS, fresh_id, request, violations};
 
 /// What the contract says about one tool in one mode, for a well-formed
 /// request of a known role and tenant.
@@ -124,5 +124,28 @@ pub async fn assert_duplicates_decided_once(app: &TestApp) {
         replays,
         decisions.len() - 1,
         "every other attempt audited as a replay"
+    );
+}
+
+/// A request id reused with another payload: denied as a mismatch, counted
+/// once in `casf_replay_mismatch_total`, and audited as a replay.
+pub async fn assert_reused_id_with_new_payload_denied(app: &TestApp) {
+    let mismatches = app.metric("casf_replay_mismatch_total").await;
+    let body = request("cliniccloud.create_appointment", "ALLOW");
+    assert_eq!(app.decide(&body).await["decision"], "ALLOW");
+    let mut tampered = body.clone();
+    tampered["args"]["n"] = json!(4);
+    let decision = app.decide(&tampered).await;
+    assert_eq!(decision["decision"], "DENY");
+    assert_eq!(violations(&decision), ["Inv_ReplayPayloadMismatch"]);
+    assert_eq!(
+        app.metric("casf_replay_mismatch_total").await,
+        mismatches + 1.0
+    );
+    let rows = app.audit_rows().await;
+    assert_eq!(
+        rows.last()
+            .map(|r| (r.action.as_str(), r.decision.as_str())),
+        Some(("REPLAY_DETECTED", "DENY"))
     );
 }

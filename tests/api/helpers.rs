@@ -136,6 +136,16 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .expect("numeric sample")
 }
 
+/// The violation codes of a decision, for comparison with string slices.
+pub fn violations(decision: &Value) -> Vec<&str> {
+    decision["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .map(|v| v.as_str().expect("code"))
+        .collect()
+}
+
 /// A unique request id per call, so tests never collide on anti-replay.
 pub fn fresh_id() -> String {
     uuid::Uuid::new_v4().to_string()

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    READ_TOOLS, TestApp, WRITE_TOOLS, metric_value, request, spawn_app, spawn_app_with,
+    READ_TOOLS, TestApp, WRITE_TOOLS, metric_value, request, spawn_app, spawn_app_with, violations,
 };
 use crate::servers::{OpaServer, required_env, wait_until};
 
@@ -14,15 +14,6 @@ const RECOVERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20
 const FAIL_CLOSED_OPA: &str = "casf_fail_closed_total{trigger=\"opa\"}";
 const FAIL_CLOSED_REDIS: &str = "casf_fail_closed_total{trigger=\"redis\"}";
 const OPA_ERROR_KINDS: [&str; 4] = ["timeout", "unavailable", "bad_status", "bad_response"];
-
-fn violations(decision: &Value) -> Vec<&str> {
-    decision["violations"]
-        .as_array()
-        .expect("violations")
-        .iter()
-        .map(|v| v.as_str().expect("code"))
-        .collect()
-}
 
 fn opa_errors(kind: &str) -> String {
     format!("casf_opa_error_total{{kind=\"{kind}\"}}")

@@ -2,16 +2,9 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{READ_TOOLS, WRITE_TOOLS, fresh_id, request, spawn_app, spawn_app_with};
-
-fn violations(decision: &Value) -> Vec<&str> {
-    decision["violations"]
-        .as_array()
-        .expect("violations")
-        .iter()
-        .map(|v| v.as_str().expect("code"))
-        .collect()
-}
+use crate::helpers::{
+    READ_TOOLS, WRITE_TOOLS, fresh_id, request, spawn_app, spawn_app_with, violations,
+};
 
 #[tokio::test]
 async fn the_contract_decision_table_holds_on_embedded_backends() {
@@ -229,24 +222,7 @@ async fn replayed_sms_is_not_sent_twice_nor_counted_twice() {
 #[tokio::test]
 async fn replay_with_a_different_payload_is_denied() {
     let app = spawn_app().await;
-    let mismatches = app.metric("casf_replay_mismatch_total").await;
-    let body = request("cliniccloud.create_appointment", "ALLOW");
-    assert_eq!(app.decide(&body).await["decision"], "ALLOW");
-    let mut tampered = body.clone();
-    tampered["args"]["n"] = json!(4);
-    let decision = app.decide(&tampered).await;
-    assert_eq!(decision["decision"], "DENY");
-    assert_eq!(violations(&decision), ["Inv_ReplayPayloadMismatch"]);
-    assert_eq!(
-        app.metric("casf_replay_mismatch_total").await,
-        mismatches + 1.0
-    );
-    let rows = app.audit_rows().await;
-    assert_eq!(
-        rows.last()
-            .map(|r| (r.action.as_str(), r.decision.as_str())),
-        Some(("REPLAY_DETECTED", "DENY"))
-    );
+    crate::contract::assert_reused_id_with_new_payload_denied(&app).await;
 }
 
 #[tokio::test]
