@@ -104,6 +104,9 @@ struct Tally {
 
 struct Recorder {
     latencies: Mutex<Histogram<u64>>,
+    /// Open loop: how late each request started against its slot (the
+    /// generator's own precision; already included in `latencies`).
+    lag: std::sync::Mutex<Histogram<u64>>,
     tally: Tally,
     record_after: Instant,
     /// The first error or undecided response, to say what went wrong.
@@ -111,6 +114,14 @@ struct Recorder {
 }
 
 impl Recorder {
+    fn note_lag(&self, intended: Instant) {
+        if intended >= self.record_after
+            && let Ok(mut lag) = self.lag.lock()
+        {
+            lag.saturating_record((intended.elapsed().as_micros() as u64).max(1));
+        }
+    }
+
     fn note_problem(&self, problem: String) {
         if let Ok(mut first) = self.first_problem.lock() {
             first.get_or_insert(problem);
@@ -145,6 +156,39 @@ impl Recorder {
             // Values beyond the histogram's range are clamped rather than lost.
             histogram.saturating_record(micros.max(1));
         }
+    }
+}
+
+/// The open loop's schedule: request `n` is due at `started + n * interval`.
+///
+/// It runs on a thread of its own and sleeps with the OS's high-resolution
+/// timer. Tokio's timer wheel has millisecond granularity and rounds every
+/// deadline up, so pacing with `sleep_until` sent each request up to a
+/// millisecond after its slot, and that lag (counted from the slot, as it
+/// must be) was charged to the server. `schedule_lag` in the report shows
+/// what is left of it.
+struct Pacer {
+    interval: Duration,
+    started: Instant,
+    deadline: Instant,
+    limit: u64,
+}
+
+impl Pacer {
+    fn run<T>(&self, mut fire: impl FnMut(Instant) -> T) -> Vec<T> {
+        let mut fired = Vec::new();
+        for n in 0..self.limit {
+            let intended = self.started + self.interval.mul_f64(n as f64);
+            if intended >= self.deadline {
+                break;
+            }
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            fired.push(fire(intended));
+        }
+        fired
     }
 }
 
@@ -192,6 +236,9 @@ async fn main() -> Result<(), String> {
             Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
         ),
         tally: Tally::default(),
+        lag: std::sync::Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
+        ),
         record_after: started + Duration::from_secs_f64(args.warmup),
         first_problem: std::sync::Mutex::new(None),
     });
@@ -218,34 +265,38 @@ async fn main() -> Result<(), String> {
             }
         }
         Some(rate) => {
+            let pacer = Pacer {
+                interval: Duration::from_secs_f64(1.0 / rate.max(1) as f64),
+                started,
+                deadline,
+                limit: args.requests,
+            };
             let in_flight = Arc::new(tokio::sync::Semaphore::new(args.connections.max(1) * 64));
-            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            let mut tasks = tokio::task::JoinSet::new();
-            let mut n: u64 = 0;
-            loop {
-                // Each request has its slot on a fixed schedule; latency counts from that slot.
-                let intended = started + interval.mul_f64(n as f64);
-                if intended >= deadline || n >= args.requests {
-                    break;
-                }
-                tokio::time::sleep_until(intended.into()).await;
-                let permit = in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (door, workload, recorder) = (door.clone(), workload.clone(), recorder.clone());
-                recorder.tally.sent.fetch_add(1, Ordering::Relaxed);
-                tasks.spawn(async move {
-                    let call = workload.next_call();
-                    let outcome = door.send(&call).await;
-                    recorder.record(intended, outcome).await;
-                    drop(permit);
-                });
-                n += 1;
-                while tasks.try_join_next().is_some() {}
+            let runtime = tokio::runtime::Handle::current();
+            let (door, workload, recorder) = (door.clone(), workload.clone(), recorder.clone());
+            let tasks = tokio::task::spawn_blocking(move || {
+                pacer.run(|intended| {
+                    let (door, workload, recorder) =
+                        (door.clone(), workload.clone(), recorder.clone());
+                    let in_flight = in_flight.clone();
+                    recorder.tally.sent.fetch_add(1, Ordering::Relaxed);
+                    runtime.spawn(async move {
+                        // Waiting for room counts as latency: `intended` is fixed.
+                        let Ok(_permit) = in_flight.acquire_owned().await else {
+                            return;
+                        };
+                        recorder.note_lag(intended);
+                        let call = workload.next_call();
+                        let outcome = door.send(&call).await;
+                        recorder.record(intended, outcome).await;
+                    })
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            for task in tasks {
+                task.await.map_err(|e| e.to_string())?;
             }
-            while tasks.join_next().await.is_some() {}
         }
     }
 
@@ -254,6 +305,14 @@ async fn main() -> Result<(), String> {
     let tally = &recorder.tally;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let lag_ms = |q: f64| {
+        recorder
+            .lag
+            .lock()
+            .ok()
+            .filter(|lag| !lag.is_empty())
+            .map(|lag| lag.value_at_quantile(q) as f64 / 1000.0)
+    };
     let first_problem = recorder
         .first_problem
         .lock()
@@ -268,6 +327,7 @@ async fn main() -> Result<(), String> {
         "throughput_rps": (histogram.len() as f64 / elapsed.max(1e-9)).round(),
         "p50_ms": ms(0.50), "p90_ms": ms(0.90), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
         "max_ms": histogram.max() as f64 / 1000.0,
+        "schedule_lag_p50_ms": lag_ms(0.50), "schedule_lag_p99_ms": lag_ms(0.99),
         "errors": count(&tally.errors),
         "non_2xx": count(&tally.non_2xx),
         "allow": count(&tally.allow),
