@@ -54,4 +54,42 @@ CREATE OR REPLACE TRIGGER audit_events_no_truncate
     BEFORE TRUNCATE ON audit_events
     FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
 
+-- One round trip per batch: the verifier calls this with the hashes already
+-- chained from the head it expects. Under the writers' lock the function
+-- checks that head and appends, or appends nothing and returns the actual
+-- head (id NULL) so the caller can re-chain and call again. PL/pgSQL runs
+-- each statement on a fresh snapshot (READ COMMITTED), so the head is read
+-- after the lock is held. Rows come back as (id, hash) in chain order.
+-- A database initialised without it still works: the verifier then uses a
+-- transaction of several round trips (see README, "PostgreSQL audit").
+CREATE OR REPLACE FUNCTION casf_audit_append(
+    expected_head TEXT,
+    request_ids TEXT[], event_ids UUID[], tss TEXT[], actors TEXT[],
+    actions TEXT[], decisions TEXT[], payloads JSONB[],
+    prev_hashes TEXT[], hashes TEXT[]
+) RETURNS TABLE (id BIGINT, head TEXT)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    current_head TEXT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(42);
+    SELECT e.hash INTO current_head FROM audit_events e ORDER BY e.id DESC LIMIT 1;
+    IF coalesce(current_head, '') <> expected_head THEN
+        RETURN QUERY SELECT NULL::BIGINT, coalesce(current_head, '');
+        RETURN;
+    END IF;
+    RETURN QUERY
+        INSERT INTO audit_events AS e
+            (request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash)
+        SELECT u.request_id, u.event_id, u.ts, u.actor, u.action, u.decision,
+               u.payload, u.prev_hash, u.hash
+        FROM unnest(request_ids, event_ids, tss, actors, actions, decisions,
+                    payloads, prev_hashes, hashes)
+             WITH ORDINALITY AS u(request_id, event_id, ts, actor, action, decision,
+                                  payload, prev_hash, hash, n)
+        ORDER BY u.n
+        RETURNING e.id, e.hash;
+END;
+$$;
+
 COMMIT;

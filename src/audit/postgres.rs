@@ -2,7 +2,13 @@
 //!
 //! Every batch is one transaction that takes `pg_advisory_xact_lock(42)`
 //! before reading the chain head, so any number of verifier processes can
-//! append to one database and the chain stays linear. The payload is stored
+//! append to one database and the chain stays linear. Normally that
+//! transaction is a single call of `casf_audit_append` (from `sql/init.sql`)
+//! on the writer's own connection: one round trip, chained from the head
+//! this process last wrote; if another writer moved the head, the call
+//! appends nothing and says where the head is, and the batch is re-chained.
+//! Databases initialised without that function get the same transaction as
+//! separate statements (five round trips). The payload is stored
 //! as JSONB, which reorders keys and reformats numbers; hashes are therefore
 //! computed over the canonical form, and verification recanonicalises what
 //! JSONB gives back (`payload::text`).
@@ -15,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
+use tokio::sync::Mutex;
 
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
 use crate::config::Redactor;
@@ -35,6 +42,14 @@ const STATEMENT_TIMEOUT: &str = "5s";
 /// verifier) is ended by the server, which releases the writers' lock.
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
+/// Calls of `casf_audit_append` per batch before falling back to the
+/// transaction that holds the lock across its round trips. A miss costs one
+/// round trip and no fsync; only a writer racing another writer misses twice.
+const OPTIMISTIC_ATTEMPTS: usize = 3;
+/// The one-round-trip append, if this database has it.
+pub const APPEND_FUNCTION: &str =
+    "casf_audit_append(text,text[],uuid[],text[],text[],text[],text[],jsonb[],text[],text[])";
+
 const COLUMNS: &str = "id, request_id, event_id::text AS event_id, ts, actor, action, decision, \
                        payload::text AS payload, prev_hash, hash";
 
@@ -44,19 +59,39 @@ pub struct PostgresAuditLog {
     options: PgConnectOptions,
     /// Masks the DSN's password out of every error this store reports.
     redactor: Redactor,
+    /// Whether the database has [`APPEND_FUNCTION`] (checked at open).
+    one_round_trip: bool,
+    appender: Mutex<Appender>,
+}
+
+/// The audit writer's own connection, kept outside the pool so that an
+/// append pays no acquire-time ping, and the head it last committed.
+/// Both are dropped on any error: the outcome of that batch is unknown.
+#[derive(Default)]
+struct Appender {
+    conn: Option<PgConnection>,
+    head: Option<String>,
+}
+
+/// What one call of `casf_audit_append` did.
+enum Attempt {
+    Appended(Vec<AppendReceipt>),
+    /// Another writer moved the head; nothing was written.
+    HeadMoved(String),
 }
 
 impl PostgresAuditLog {
     /// Connects and checks that the schema is in place.
     pub async fn open(dsn: &str) -> Result<Self, AuditError> {
-        let log = Self::connect(dsn).await?;
+        let mut log = Self::connect(dsn).await?;
         log.check_database().await?;
+        log.one_round_trip = log.has_append_function().await?;
         Ok(log)
     }
 
     /// Connects and applies [`SCHEMA`] (`casf-verifier migrate`).
     pub async fn migrate(dsn: &str) -> Result<Self, AuditError> {
-        let log = Self::connect(dsn).await?;
+        let mut log = Self::connect(dsn).await?;
         log.check_encoding().await?;
         let mut conn = log.pool.acquire().await.map_err(|e| log.error(e))?;
         if let Err(error) = sqlx::raw_sql(SCHEMA).execute(&mut *conn).await {
@@ -66,6 +101,7 @@ impl PostgresAuditLog {
         }
         drop(conn);
         log.check_database().await?;
+        log.one_round_trip = log.has_append_function().await?;
         Ok(log)
     }
 
@@ -80,6 +116,11 @@ impl PostgresAuditLog {
                     "idle_in_transaction_session_timeout",
                     IDLE_IN_TRANSACTION_TIMEOUT,
                 ),
+                // The head must be read on a snapshot taken after the
+                // writers' lock; a server default of REPEATABLE READ would
+                // take it before. (The space is escaped for the startup
+                // packet's `options`, which sqlx passes through as is.)
+                ("default_transaction_isolation", r"read\ committed"),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
@@ -92,9 +133,26 @@ impl PostgresAuditLog {
             pool,
             options,
             redactor,
+            one_round_trip: false,
+            appender: Mutex::default(),
         };
         log.ping().await?;
         Ok(log)
+    }
+
+    async fn has_append_function(&self) -> Result<bool, AuditError> {
+        let found: bool = sqlx::query_scalar("SELECT to_regprocedure($1) IS NOT NULL")
+            .bind(APPEND_FUNCTION)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        if !found {
+            tracing::warn!(
+                "PostgreSQL audit schema has no casf_audit_append(); appends take five round \
+                 trips each: run `casf-verifier migrate` to add it"
+            );
+        }
+        Ok(found)
     }
 
     /// JSONB round trips need a UTF-8 database, and the table must exist.
@@ -125,6 +183,111 @@ impl PostgresAuditLog {
             )));
         }
         Ok(())
+    }
+
+    /// Appends on the writer's connection, opening it if needed.
+    async fn append_with(
+        &self,
+        appender: &mut Appender,
+        events: &[NewEvent],
+    ) -> Result<Vec<AppendReceipt>, AuditError> {
+        let conn = match &mut appender.conn {
+            Some(conn) => conn,
+            None => appender.conn.insert(self.connect_direct().await?),
+        };
+        if self.one_round_trip {
+            for _ in 0..OPTIMISTIC_ATTEMPTS {
+                // An unknown head is guessed as genesis: a wrong guess costs
+                // one round trip and returns the real head.
+                let expected = appender.head.take().unwrap_or_default();
+                let links = chain::link(&expected, events);
+                match Self::append_if_head(conn, &expected, events, &links).await {
+                    Ok(Attempt::Appended(receipts)) => {
+                        appender.head = receipts.last().map(|r| r.hash.clone());
+                        return Ok(receipts);
+                    }
+                    Ok(Attempt::HeadMoved(head)) => appender.head = Some(head),
+                    Err(error) => return Err(self.error(error)),
+                }
+            }
+        }
+        let mut tx = conn.begin().await.map_err(|e| self.error(e))?;
+        // On error the transaction is dropped, which rolls it back.
+        let receipts = Self::append_in_tx(&mut tx, events)
+            .await
+            .map_err(|e| self.error(e))?;
+        // A failed COMMIT is reported as a failure even though the outcome is
+        // unknown: a row that exists but was reported missing is harmless, a
+        // row reported written that is not would be a silent loss.
+        tx.commit().await.map_err(|e| self.error(e))?;
+        appender.head = receipts.last().map(|r| r.hash.clone());
+        Ok(receipts)
+    }
+
+    /// One call of `casf_audit_append`, committed on return (autocommit).
+    /// The rows stream back before the commit, but sqlx reads to the end of
+    /// the exchange, so a failed commit is an error here, not a receipt.
+    async fn append_if_head(
+        conn: &mut PgConnection,
+        expected_head: &str,
+        events: &[NewEvent],
+        links: &[(String, String)],
+    ) -> Result<Attempt, sqlx::Error> {
+        let column = |field: fn(&NewEvent) -> &str| events.iter().map(field).collect::<Vec<_>>();
+        let payloads: Vec<String> = events
+            .iter()
+            .map(|e| crate::canonical::to_string(&e.payload))
+            .collect();
+        let (prev_hashes, hashes): (Vec<&str>, Vec<&str>) = links
+            .iter()
+            .map(|(prev, hash)| (prev.as_str(), hash.as_str()))
+            .unzip();
+        let mut rows: Vec<(Option<i64>, String)> = sqlx::query_as(
+            "SELECT id, head FROM casf_audit_append($1, $2, $3::uuid[], $4, $5, $6, $7, $8::jsonb[], $9, $10)",
+        )
+        .bind(expected_head)
+        .bind(column(|e| &e.request_id))
+        .bind(column(|e| &e.event_id))
+        .bind(column(|e| &e.ts))
+        .bind(column(|e| &e.actor))
+        .bind(column(|e| &e.action))
+        .bind(column(|e| &e.decision))
+        .bind(payloads)
+        .bind(prev_hashes)
+        .bind(hashes)
+        .fetch_all(&mut *conn)
+        .await?;
+        if let [(None, head)] = rows.as_slice() {
+            return Ok(Attempt::HeadMoved(head.clone()));
+        }
+        rows.sort_unstable_by_key(|(id, _)| *id);
+        let in_chain_order = rows.len() == links.len()
+            && rows
+                .iter()
+                .zip(links)
+                .all(|((id, stored), (_, hash))| id.is_some() && stored == hash);
+        if !in_chain_order {
+            // Committed already: say so loudly rather than hand out wrong receipts.
+            return Err(sqlx::Error::Protocol(
+                "casf_audit_append returned rows out of chain order".into(),
+            ));
+        }
+        Ok(Attempt::Appended(
+            rows.into_iter()
+                .map(|(id, hash)| AppendReceipt {
+                    id: id.unwrap_or_default(),
+                    hash,
+                })
+                .collect(),
+        ))
+    }
+
+    /// A connection of the writer's own, bounded like a pool acquire.
+    async fn connect_direct(&self) -> Result<PgConnection, AuditError> {
+        tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| self.error(sqlx::Error::PoolTimedOut))?
+            .map_err(|e| self.error(e))
     }
 
     async fn append_in_tx(
@@ -212,16 +375,12 @@ impl AuditLog for PostgresAuditLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        // On error the transaction is dropped, which rolls it back.
-        let receipts = Self::append_in_tx(&mut tx, events)
-            .await
-            .map_err(|e| self.error(e))?;
-        // A failed COMMIT is reported as a failure even though the outcome is
-        // unknown: a row that exists but was reported missing is harmless, a
-        // row reported written that is not would be a silent loss.
-        tx.commit().await.map_err(|e| self.error(e))?;
-        Ok(receipts)
+        let mut appender = self.appender.lock().await;
+        let result = self.append_with(&mut appender, events).await;
+        if result.is_err() {
+            *appender = Appender::default();
+        }
+        result
     }
 
     async fn page(
@@ -281,11 +440,7 @@ impl AuditLog for PostgresAuditLog {
             }
             return result.map(drop).map_err(|e| self.error(e));
         }
-        let mut conn =
-            tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&self.options))
-                .await
-                .map_err(|_| self.error(sqlx::Error::PoolTimedOut))?
-                .map_err(|e| self.error(e))?;
+        let mut conn = self.connect_direct().await?;
         let result = sqlx::query("SELECT 1").execute(&mut conn).await;
         let _ = conn.close().await;
         result.map(drop).map_err(|e| self.error(e))
@@ -326,6 +481,8 @@ mod tests {
             pool: PgPoolOptions::new().connect_lazy_with(options.clone()),
             options,
             redactor: Redactor::new(crate::config::secrets_of_dsn(dsn)),
+            one_round_trip: true,
+            appender: Mutex::default(),
         };
         let leaky = log.error(sqlx::Error::Configuration(format!("bad DSN {dsn}").into()));
         assert!(matches!(leaky, AuditError::Unavailable(_)));

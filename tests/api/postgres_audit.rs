@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use casf_verifier::audit::postgres::{APPEND_FUNCTION, PostgresAuditLog};
+use casf_verifier::audit::{AppendReceipt, AuditLog, NewEvent};
 use casf_verifier::canonical;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -249,6 +251,91 @@ async fn two_verifier_processes_append_to_one_valid_chain() {
     let verify = cli(&db.dsn, &["audit", "verify"]);
     assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
     assert!(printed(&verify).contains(&format!("{} events", 2 * EACH)));
+}
+
+fn events(tag: &str, count: usize) -> Vec<NewEvent> {
+    (0..count)
+        .map(|i| {
+            NewEvent::now(
+                &format!("{tag}-{i}"),
+                format!("role:{tag}"),
+                "cliniccloud.create_appointment",
+                "ALLOW",
+                json!({"tag": tag, "i": i, "amount": 12.5}),
+            )
+        })
+        .collect()
+}
+
+/// Receipts name exactly the rows that were written, in chain order.
+fn assert_receipts_match(rows: &[AuditRow], receipts: &[AppendReceipt]) {
+    for receipt in receipts {
+        let row = rows
+            .iter()
+            .find(|row| row.id == receipt.id)
+            .unwrap_or_else(|| panic!("no row {}", receipt.id));
+        assert_eq!(row.hash, receipt.hash);
+    }
+    for pair in receipts.windows(2) {
+        assert_eq!(pair[1].id, pair[0].id + 1, "one batch is contiguous");
+    }
+}
+
+#[tokio::test]
+async fn stores_sharing_a_database_rechain_after_the_other_moved_the_head() {
+    let db = TestDb::migrated().await;
+    let a = PostgresAuditLog::open(&db.dsn).await.expect("open a");
+    let b = PostgresAuditLog::open(&db.dsn).await.expect("open b");
+    let mut receipts = Vec::new();
+    // Every batch after the first finds the head moved by the other store
+    // since its own last commit, so each one is re-chained before it lands.
+    for round in 0..4 {
+        for (store, tag) in [(&a, "a"), (&b, "b")] {
+            let batch = events(&format!("{tag}{round}"), 1 + round);
+            let got = store.append_batch(&batch).await.expect("append");
+            assert_eq!(got.len(), batch.len());
+            receipts.push(got);
+        }
+    }
+    let rows = db.rows().await;
+    assert_eq!(rows.len(), 2 * (1 + 2 + 3 + 4));
+    assert_eq!(rows[0].prev_hash, "");
+    for pair in rows.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash, "row {}", pair[1].id);
+    }
+    for batch in &receipts {
+        assert_receipts_match(&rows, batch);
+    }
+    let verify = cli(&db.dsn, &["audit", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
+}
+
+#[tokio::test]
+async fn a_database_initialised_without_the_append_function_still_chains() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    sqlx::query(&format!("DROP FUNCTION {APPEND_FUNCTION}"))
+        .execute(&pool)
+        .await
+        .expect("drop the function");
+    pool.close().await;
+
+    let store = PostgresAuditLog::open(&db.dsn).await.expect("open");
+    let first = store.append_batch(&events("x", 3)).await.expect("append");
+    let app = app_on(&db.dsn).await;
+    let decisions = mixed_traffic(&app).await;
+    let second = store.append_batch(&events("y", 2)).await.expect("append");
+
+    let rows = db.rows().await;
+    assert_eq!(rows.len(), 3 + decisions + 2);
+    assert_eq!(rows[0].prev_hash, "");
+    for pair in rows.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash, "row {}", pair[1].id);
+    }
+    assert_receipts_match(&rows, &first);
+    assert_receipts_match(&rows, &second);
+    let verify = cli(&db.dsn, &["audit", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
 }
 
 /// A database with some audited traffic and the app already stopped.
