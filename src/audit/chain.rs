@@ -18,6 +18,11 @@ pub fn format_ts(at: DateTime<Utc>) -> String {
 
 /// The chain hash of `event` after `prev_hash`.
 pub fn event_hash(event: &NewEvent, prev_hash: &str) -> String {
+    hash_with_payload(event, &canonical::to_string(&event.payload), prev_hash)
+}
+
+/// [`event_hash`] with the canonical payload already rendered.
+fn hash_with_payload(event: &NewEvent, canonical_payload: &str, prev_hash: &str) -> String {
     let mut hasher = Sha256::new();
     for part in [
         event.request_id.as_str(),
@@ -29,21 +34,33 @@ pub fn event_hash(event: &NewEvent, prev_hash: &str) -> String {
     ] {
         hasher.update(part.as_bytes());
     }
-    hasher.update(canonical::to_string(&event.payload).as_bytes());
+    hasher.update(canonical_payload.as_bytes());
     hasher.update(prev_hash.as_bytes());
     hex::encode(hasher.finalize())
 }
 
-/// Hashes for `events` appended in order after `head` (`""` at genesis).
-pub fn link(head: &str, events: &[NewEvent]) -> Vec<(String, String)> {
+/// One event's place in the chain, with the payload text that was hashed
+/// (and is what a store writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub payload: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Links for `events` appended in order after `head` (`""` at genesis).
+pub fn link(head: &str, events: &[NewEvent]) -> Vec<Link> {
     let mut prev = head.to_owned();
     events
         .iter()
         .map(|event| {
-            let hash = event_hash(event, &prev);
-            let link = (prev.clone(), hash.clone());
-            prev = hash;
-            link
+            let payload = canonical::to_string(&event.payload);
+            let hash = hash_with_payload(event, &payload, &prev);
+            Link {
+                payload,
+                prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            }
         })
         .collect()
 }
@@ -147,11 +164,11 @@ mod tests {
             .into_iter()
             .zip(links)
             .enumerate()
-            .map(|(i, (event, (prev_hash, hash)))| StoredEvent {
+            .map(|(i, (event, link))| StoredEvent {
                 id: i as i64 + 1,
                 event,
-                prev_hash,
-                hash,
+                prev_hash: link.prev_hash,
+                hash: link.hash,
             })
             .collect()
     }

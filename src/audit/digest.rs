@@ -182,11 +182,11 @@ mod tests {
             .into_iter()
             .zip(links)
             .enumerate()
-            .map(|(i, (event, (prev_hash, hash)))| StoredEvent {
+            .map(|(i, (event, link))| StoredEvent {
                 id: i as i64 * 2 + 1, // ids with gaps, as sequences leave them
                 event,
-                prev_hash,
-                hash,
+                prev_hash: link.prev_hash,
+                hash: link.hash,
             })
             .collect()
     }

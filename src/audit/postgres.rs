@@ -231,17 +231,11 @@ impl PostgresAuditLog {
         conn: &mut PgConnection,
         expected_head: &str,
         events: &[NewEvent],
-        links: &[(String, String)],
+        links: &[chain::Link],
     ) -> Result<Attempt, sqlx::Error> {
         let column = |field: fn(&NewEvent) -> &str| events.iter().map(field).collect::<Vec<_>>();
-        let payloads: Vec<String> = events
-            .iter()
-            .map(|e| crate::canonical::to_string(&e.payload))
-            .collect();
-        let (prev_hashes, hashes): (Vec<&str>, Vec<&str>) = links
-            .iter()
-            .map(|(prev, hash)| (prev.as_str(), hash.as_str()))
-            .unzip();
+        let link_column =
+            |field: fn(&chain::Link) -> &str| links.iter().map(field).collect::<Vec<_>>();
         let mut rows: Vec<(Option<i64>, String)> = sqlx::query_as(
             "SELECT id, head FROM casf_audit_append($1, $2, $3::uuid[], $4, $5, $6, $7, $8::jsonb[], $9, $10)",
         )
@@ -252,9 +246,9 @@ impl PostgresAuditLog {
         .bind(column(|e| &e.actor))
         .bind(column(|e| &e.action))
         .bind(column(|e| &e.decision))
-        .bind(payloads)
-        .bind(prev_hashes)
-        .bind(hashes)
+        .bind(link_column(|l| &l.payload))
+        .bind(link_column(|l| &l.prev_hash))
+        .bind(link_column(|l| &l.hash))
         .fetch_all(&mut *conn)
         .await?;
         if let [(None, head)] = rows.as_slice() {
@@ -265,7 +259,7 @@ impl PostgresAuditLog {
             && rows
                 .iter()
                 .zip(links)
-                .all(|((id, stored), (_, hash))| id.is_some() && stored == hash);
+                .all(|((id, stored), link)| id.is_some() && *stored == link.hash);
         if !in_chain_order {
             // Committed already: say so loudly rather than hand out wrong receipts.
             return Err(sqlx::Error::Protocol(
@@ -306,22 +300,19 @@ impl PostgresAuditLog {
         let mut insert: QueryBuilder<Postgres> = QueryBuilder::new(
             "INSERT INTO audit_events (request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash) ",
         );
-        insert.push_values(
-            events.iter().zip(&links),
-            |mut row, (event, (prev_hash, hash))| {
-                row.push_bind(&event.request_id)
-                    .push_bind(&event.event_id)
-                    .push_unseparated("::uuid")
-                    .push_bind(&event.ts)
-                    .push_bind(&event.actor)
-                    .push_bind(&event.action)
-                    .push_bind(&event.decision)
-                    .push_bind(crate::canonical::to_string(&event.payload))
-                    .push_unseparated("::jsonb")
-                    .push_bind(prev_hash)
-                    .push_bind(hash);
-            },
-        );
+        insert.push_values(events.iter().zip(&links), |mut row, (event, link)| {
+            row.push_bind(&event.request_id)
+                .push_bind(&event.event_id)
+                .push_unseparated("::uuid")
+                .push_bind(&event.ts)
+                .push_bind(&event.actor)
+                .push_bind(&event.action)
+                .push_bind(&event.decision)
+                .push_bind(&link.payload)
+                .push_unseparated("::jsonb")
+                .push_bind(&link.prev_hash)
+                .push_bind(&link.hash);
+        });
         insert.push(" RETURNING id");
         let mut ids: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
         // Ids come from one sequence in VALUES order; RETURNING order is not promised.
@@ -329,7 +320,10 @@ impl PostgresAuditLog {
         Ok(ids
             .into_iter()
             .zip(links)
-            .map(|(id, (_, hash))| AppendReceipt { id, hash })
+            .map(|(id, link)| AppendReceipt {
+                id,
+                hash: link.hash,
+            })
             .collect())
     }
 

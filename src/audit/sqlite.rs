@@ -16,10 +16,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::sqlite::SqliteConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite};
+use tokio::sync::Mutex;
 
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
 
@@ -45,7 +47,12 @@ BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
 "#;
 
 pub struct SqliteAuditLog {
+    /// Reads and probes.
     pool: SqlitePool,
+    /// Appends: the audit writer's own connection, so that a batch does not
+    /// pay the pool's acquire-time ping (one more hop to the worker thread).
+    writer: Mutex<Option<SqliteConnection>>,
+    options: SqliteConnectOptions,
 }
 
 impl SqliteAuditLog {
@@ -66,56 +73,90 @@ impl SqliteAuditLog {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(2))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(unavailable)?;
         sqlx::raw_sql(SCHEMA)
             .execute(&pool)
             .await
             .map_err(unavailable)?;
-        Ok(SqliteAuditLog { pool })
+        Ok(SqliteAuditLog {
+            pool,
+            writer: Mutex::default(),
+            options,
+        })
     }
 
+    /// The batch's transaction on the writer's connection: three hops to
+    /// sqlx's SQLite worker thread (lock and head, insert, commit). Rows get
+    /// consecutive ids: AUTOINCREMENT under the write lock gives each row of
+    /// one INSERT the next id, so no `RETURNING` rows have to stream back
+    /// one message each.
     async fn append_in_tx(
-        conn: &mut sqlx::SqliteConnection,
+        conn: &mut SqliteConnection,
         events: &[NewEvent],
     ) -> Result<Vec<AppendReceipt>, sqlx::Error> {
-        let head: Option<String> =
-            sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1")
-                .fetch_optional(&mut *conn)
-                .await?;
+        // BEGIN IMMEDIATE takes the write lock; the head is read under it.
+        // (sqlx runs every statement of a SQLite query string in turn.)
+        let head: Option<String> = sqlx::query_scalar(
+            "BEGIN IMMEDIATE; SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
         let links = chain::link(head.as_deref().unwrap_or(""), events);
         let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO audit_events (request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash) ",
         );
-        insert.push_values(
-            events.iter().zip(&links),
-            |mut row, (event, (prev_hash, hash))| {
-                row.push_bind(&event.request_id)
-                    .push_bind(&event.event_id)
-                    .push_bind(&event.ts)
-                    .push_bind(&event.actor)
-                    .push_bind(&event.action)
-                    .push_bind(&event.decision)
-                    .push_bind(crate::canonical::to_string(&event.payload))
-                    .push_bind(prev_hash)
-                    .push_bind(hash);
-            },
-        );
-        insert.push(" RETURNING id");
-        let mut ids: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
-        // Rows get increasing ids in insertion order; RETURNING order is not promised.
-        ids.sort_unstable();
-        Ok(ids
-            .into_iter()
+        insert.push_values(events.iter().zip(&links), |mut row, (event, link)| {
+            row.push_bind(&event.request_id)
+                .push_bind(&event.event_id)
+                .push_bind(&event.ts)
+                .push_bind(&event.actor)
+                .push_bind(&event.action)
+                .push_bind(&event.decision)
+                .push_bind(&link.payload)
+                .push_bind(&link.prev_hash)
+                .push_bind(&link.hash);
+        });
+        let inserted = insert.build().execute(&mut *conn).await?;
+        if inserted.rows_affected() != events.len() as u64 {
+            return Err(sqlx::Error::Protocol(format!(
+                "inserted {} rows for {} events",
+                inserted.rows_affected(),
+                events.len()
+            )));
+        }
+        let first_id = inserted.last_insert_rowid() - events.len() as i64 + 1;
+        sqlx::query("COMMIT").execute(&mut *conn).await?;
+        Ok((first_id..)
             .zip(links)
-            .map(|(id, (_, hash))| AppendReceipt { id, hash })
+            .map(|(id, link)| AppendReceipt {
+                id,
+                hash: link.hash,
+            })
             .collect())
     }
 }
 
 fn unavailable(error: sqlx::Error) -> AuditError {
     AuditError::Unavailable(error.to_string())
+}
+
+/// An append's failure: the batch's own fault (retried event by event by the
+/// writer), a lock held too long, or a file that cannot be written now.
+fn classify(error: sqlx::Error) -> AuditError {
+    let primary_code = match &error {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
+        sqlx::Error::Protocol(_) => return AuditError::Rejected(error.to_string()),
+        _ => None,
+    };
+    match primary_code.map(|code| code & 0xff) {
+        // SQLITE_BUSY, SQLITE_LOCKED: still locked after busy_timeout.
+        Some(5 | 6) => AuditError::Timeout,
+        // SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: this batch.
+        Some(1 | 18 | 19 | 20 | 25) => AuditError::Rejected(error.to_string()),
+        _ => unavailable(error),
+    }
 }
 
 #[async_trait]
@@ -128,23 +169,23 @@ impl AuditLog for SqliteAuditLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        match Self::append_in_tx(&mut conn, events).await {
-            Ok(receipts) => {
-                sqlx::query("COMMIT")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(unavailable)?;
-                Ok(receipts)
-            }
+        let mut writer = self.writer.lock().await;
+        let conn = match &mut *writer {
+            Some(conn) => conn,
+            None => writer.insert(self.options.connect().await.map_err(unavailable)?),
+        };
+        match Self::append_in_tx(conn, events).await {
+            Ok(receipts) => Ok(receipts),
             Err(error) => {
-                // Best effort: the connection is discarded by sqlx if this fails.
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                Err(AuditError::Rejected(error.to_string()))
+                // Not in a transaction any more (the failure may have come
+                // before BEGIN, or from COMMIT) is fine; a connection that
+                // cannot even roll back is replaced.
+                if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await
+                    && !rollback.to_string().contains("no transaction is active")
+                {
+                    *writer = None;
+                }
+                Err(classify(error))
             }
         }
     }
@@ -211,4 +252,69 @@ fn stored_event(row: &sqlx::sqlite::SqliteRow) -> Result<StoredEvent, AuditError
         prev_hash: get("prev_hash")?,
         hash: get("hash")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn events(tag: &str, count: usize) -> Vec<NewEvent> {
+        (0..count)
+            .map(|i| {
+                NewEvent::now(
+                    &format!("{tag}-{i}"),
+                    "role:test".into(),
+                    "cliniccloud.create_appointment",
+                    "ALLOW",
+                    json!({"tag": tag, "i": i}),
+                )
+            })
+            .collect()
+    }
+
+    async fn stored(log: &SqliteAuditLog) -> Vec<StoredEvent> {
+        log.page(&EventFilter::default(), 0, 1000).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn receipts_name_the_rows_written_and_a_failed_batch_leaves_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteAuditLog::open(&dir.path().join("audit.db"))
+            .await
+            .unwrap();
+        let mut receipts = log.append_batch(&events("a", 3)).await.unwrap();
+
+        // A batch that fails inside its transaction is rolled back, and the
+        // writer's connection carries on from the same head.
+        sqlx::query("ALTER TABLE audit_events RENAME TO moved_away")
+            .execute(&log.pool)
+            .await
+            .unwrap();
+        let failed = log.append_batch(&events("lost", 2)).await;
+        assert!(matches!(failed, Err(AuditError::Rejected(_))), "{failed:?}");
+        sqlx::query("ALTER TABLE moved_away RENAME TO audit_events")
+            .execute(&log.pool)
+            .await
+            .unwrap();
+        receipts.extend(log.append_batch(&events("b", 2)).await.unwrap());
+
+        let rows = stored(&log).await;
+        assert_eq!(rows.len(), 5);
+        assert!(
+            rows.iter()
+                .all(|row| !row.event.request_id.starts_with("lost"))
+        );
+        for (row, receipt) in rows.iter().zip(&receipts) {
+            assert_eq!((row.id, &row.hash), (receipt.id, &receipt.hash));
+        }
+        assert_eq!(rows[0].prev_hash, "");
+        for pair in rows.windows(2) {
+            assert_eq!(pair[1].prev_hash, pair[0].hash);
+            assert_eq!(
+                pair[1].hash,
+                chain::event_hash(&pair[1].event, &pair[0].hash)
+            );
+        }
+    }
 }

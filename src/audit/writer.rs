@@ -89,7 +89,8 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut unreachable = false;
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        let events: Vec<NewEvent> = jobs.iter().map(|job| job.event.clone()).collect();
+        let (events, callers): (Vec<NewEvent>, Vec<_>) =
+            jobs.drain(..).map(|job| (job.event, job.done)).unzip();
         let started = std::time::Instant::now();
         let results = if unreachable && let Err(error) = probe(log.as_ref()).await {
             events.iter().map(|_| Err(error.clone())).collect()
@@ -104,9 +105,9 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>) {
             elapsed_us = started.elapsed().as_micros() as u64,
             "audit batch"
         );
-        for (job, result) in jobs.drain(..).zip(results) {
+        for (caller, result) in callers.into_iter().zip(results) {
             // A caller that gave up waiting is not an error here.
-            let _ = job.done.send(result);
+            let _ = caller.send(result);
         }
     }
     tracing::debug!("audit writer drained and stopped");
