@@ -129,17 +129,17 @@ impl Pipeline {
                 Ok(Claim::Claimed) => claimed = true,
                 Ok(Claim::Cached(response)) => {
                     self.metrics.replay_hit();
-                    return self.audited(request, REPLAY_ACTION, response).await;
+                    return self.audited(request, input, REPLAY_ACTION, response).await;
                 }
                 Ok(Claim::Mismatch) => {
                     self.metrics.replay_mismatch();
                     tracing::warn!(request_id = %request.request_id, "request_id reused with a different payload");
                     let response = VerifyResponse::deny(violation::REPLAY_PAYLOAD_MISMATCH);
-                    return self.audited(request, REPLAY_ACTION, response).await;
+                    return self.audited(request, input, REPLAY_ACTION, response).await;
                 }
                 Ok(Claim::Pending) => {
                     let response = VerifyResponse::deny(violation::REPLAY_CONCURRENT);
-                    return self.audited(request, REPLAY_ACTION, response).await;
+                    return self.audited(request, input, REPLAY_ACTION, response).await;
                 }
                 Err(error) if request.tool.is_write() => {
                     tracing::error!(%error, "anti-replay unavailable: write fails closed");
@@ -205,7 +205,9 @@ impl Pipeline {
         // 5. Audit, then 6. remember the answer for replays. A fail-closed
         // deny is not remembered: once the dependency is back, a retry with
         // the same request_id deserves a real decision.
-        let verdict = self.audited(request, request.tool.as_str(), response).await;
+        let verdict = self
+            .audited(request, input, request.tool.as_str(), response)
+            .await;
         if claimed && let Some(guard) = &self.replay {
             let stored = if failed_closed {
                 guard.release(&request.request_id, &fingerprint).await
@@ -222,10 +224,12 @@ impl Pipeline {
     }
 
     /// Appends the decision to the audit trail; on failure the decision still
-    /// stands, with the guide's reason suffix.
+    /// stands, with the guide's reason suffix. `input` is the request's
+    /// policy input, reused (not copied) for the audit payload.
     async fn audited(
         &self,
         request: &VerifyRequest,
+        input: serde_json::Value,
         action: &str,
         mut response: VerifyResponse,
     ) -> Verdict {
@@ -240,7 +244,7 @@ impl Pipeline {
             format!("role:{}", request.role),
             action,
             response.decision.as_str(),
-            json!({"request": request.to_value(), "response": response}),
+            json!({"request": request.completed(input), "response": response}),
         );
         match writer.append(event).await {
             Ok(receipt) => Verdict {

@@ -272,7 +272,12 @@ impl VerifyRequest {
 
     /// The whole request as received, for the audit payload.
     pub fn to_value(&self) -> Value {
-        let mut value = self.policy_input();
+        self.completed(self.policy_input())
+    }
+
+    /// The whole request, from its [`policy_input`](Self::policy_input)
+    /// (which lacks only `request_id`) without copying it again.
+    pub fn completed(&self, mut value: Value) -> Value {
         if let Value::Object(map) = &mut value {
             map.insert(
                 "request_id".into(),
@@ -334,35 +339,73 @@ fn parse_subject(value: Value) -> Result<BTreeMap<String, String>, RequestError>
 /// Refuses what the audit trail could not store or read back: U+0000 in a
 /// key or string, and nesting deeper than [`MAX_DEPTH`]. `depth` is the
 /// level of `map` itself; errors name the path, e.g. `args.lines[2].name`.
+/// The path is only built for an error: the walk itself allocates nothing.
 fn check_storable(map: &Map<String, Value>, path: &str, depth: usize) -> Result<(), RequestError> {
-    if depth > MAX_DEPTH {
-        return Err(RequestError::invalid(
-            path,
-            format!("nested deeper than {MAX_DEPTH} levels"),
-        ));
-    }
-    for (key, value) in map {
-        if key.contains('\0') {
-            return Err(RequestError::invalid(path, format!("a key {NUL_REASON}")));
+    unstorable_in_map(map, depth).map_or(Ok(()), |found| {
+        let mut field = path.to_owned();
+        for step in found.steps.iter().rev() {
+            match step {
+                Step::Key(key) => {
+                    field.push('.');
+                    field.push_str(key);
+                }
+                Step::Index(i) => field.push_str(&format!("[{i}]")),
+            }
         }
-        check_value(value, &format!("{path}.{key}"), depth + 1)?;
-    }
-    Ok(())
+        Err(RequestError::invalid(field, found.reason))
+    })
 }
 
-fn check_value(value: &Value, path: &str, depth: usize) -> Result<(), RequestError> {
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// What [`check_storable`] found, with the path to it innermost first.
+struct Unstorable<'a> {
+    steps: Vec<Step<'a>>,
+    reason: String,
+}
+
+impl<'a> Unstorable<'a> {
+    fn new(reason: impl Into<String>) -> Self {
+        Unstorable {
+            steps: Vec::new(),
+            reason: reason.into(),
+        }
+    }
+
+    fn under(mut self, step: Step<'a>) -> Self {
+        self.steps.push(step);
+        self
+    }
+}
+
+fn too_deep<'a>() -> Unstorable<'a> {
+    Unstorable::new(format!("nested deeper than {MAX_DEPTH} levels"))
+}
+
+fn unstorable_in_map(map: &Map<String, Value>, depth: usize) -> Option<Unstorable<'_>> {
+    if depth > MAX_DEPTH {
+        return Some(too_deep());
+    }
+    map.iter().find_map(|(key, value)| {
+        if key.contains('\0') {
+            return Some(Unstorable::new(format!("a key {NUL_REASON}")));
+        }
+        unstorable(value, depth + 1).map(|found| found.under(Step::Key(key)))
+    })
+}
+
+fn unstorable(value: &Value, depth: usize) -> Option<Unstorable<'_>> {
     match value {
-        Value::String(s) if s.contains('\0') => Err(RequestError::invalid(path, NUL_REASON)),
-        Value::Object(map) => check_storable(map, path, depth),
-        Value::Array(_) if depth > MAX_DEPTH => Err(RequestError::invalid(
-            path,
-            format!("nested deeper than {MAX_DEPTH} levels"),
-        )),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, item)| check_value(item, &format!("{path}[{i}]"), depth + 1)),
-        _ => Ok(()),
+        Value::String(s) if s.contains('\0') => Some(Unstorable::new(NUL_REASON)),
+        Value::Object(map) => unstorable_in_map(map, depth),
+        Value::Array(_) if depth > MAX_DEPTH => Some(too_deep()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            unstorable(item, depth + 1).map(|found| found.under(Step::Index(i)))
+        }),
+        _ => None,
     }
 }
 
