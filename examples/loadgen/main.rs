@@ -22,11 +22,6 @@
 mod doors;
 mod workload;
 
-// The generator shares the cores with what it measures: glibc malloc was a
-// fifth of its CPU, and every cycle it saves goes to the verifier.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
