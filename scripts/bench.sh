@@ -172,9 +172,19 @@ matrix() {
   load "$backends" http "$url" --scenario mix --rate 1000 --connections 64
 }
 
+# envoy_rows BACKENDS: plain Envoy → upstream, then the same calls through
+# ext_authz to the running verifier; both at 1,000/s in one Envoy.
+envoy_rows() {
+  start_envoy
+  load "$NO_EXT_AUTHZ" envoy "http://127.0.0.1:$PLAIN_PORT" --scenario mix --rate 1000 --connections 16
+  load "$1" envoy "http://127.0.0.1:$AUTHZ_PORT" --scenario mix --rate 1000 --connections 16
+  stop_envoy
+}
+
 start_verifier embedded
 matrix embedded
 load embedded grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --connections 256
+envoy_rows embedded
 stop_verifier
 
 fresh_pg regorus
@@ -182,11 +192,7 @@ start_verifier pg-redis-regorus PG_DSN="$FRESH_DSN" REDIS_URL="$CASF_TEST_REDIS_
 matrix pg-redis-regorus
 load pg-redis-regorus grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --connections 256
 load pg-redis-regorus grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --rate 1000 --connections 64
-start_envoy
-# Plain Envoy first, then the same calls through ext_authz; both at 1,000/s.
-load "$NO_EXT_AUTHZ" envoy "http://127.0.0.1:$PLAIN_PORT" --scenario mix --rate 1000 --connections 16
-load pg-redis-regorus envoy "http://127.0.0.1:$AUTHZ_PORT" --scenario mix --rate 1000 --connections 16
-stop_envoy
+envoy_rows pg-redis-regorus
 stop_verifier
 
 fresh_pg opa
