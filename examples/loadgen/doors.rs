@@ -301,6 +301,7 @@ pub fn check_request(call: &ToolCall) -> CheckRequest {
 mod tests {
     use super::*;
     use crate::workload::{Scenario, Workload};
+    use serde_json::Value;
 
     #[test]
     fn decision_bodies_are_read_and_anything_else_is_undecided() {
