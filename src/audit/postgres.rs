@@ -31,7 +31,8 @@ pub const SCHEMA: &str = include_str!("../../sql/init.sql");
 
 /// The key of the advisory lock that serialises writers (guide §8).
 pub const WRITERS_LOCK: i64 = 42;
-/// A few connections: the writer task holds one, probes and CLI pages the rest.
+/// A few connections for probes and reads (`audit verify`, `digest`); the
+/// audit writer keeps a connection of its own outside the pool.
 const POOL_SIZE: u32 = 4;
 /// How long to wait for a connection, so a dead server fails a batch (and
 /// `/healthz`) within the guide's 2 s budget instead of hanging.
