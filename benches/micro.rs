@@ -184,6 +184,7 @@ fn pipeline(c: &mut Criterion) {
         let state = Arc::new(MemoryState::new(
             Duration::from_secs(86_400),
             Duration::from_secs(30),
+            casf_verifier::state::memory::DEFAULT_MAX_KEYS,
         ));
         Pipeline::new(
             Arc::new(policy()),

@@ -35,8 +35,13 @@ pub enum PolicyBackend {
 /// Where anti-replay and rate-limit state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateBackend {
-    Memory,
-    Redis { url: String },
+    /// In-process, holding at most `max_keys` keys (`CASF_STATE_MAX_KEYS`).
+    Memory {
+        max_keys: usize,
+    },
+    Redis {
+        url: String,
+    },
 }
 
 /// Where the audit trail is written.
@@ -125,7 +130,13 @@ impl Settings {
                 StateBackend::Redis { url }
             }
             Some(_) => return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL")),
-            None => StateBackend::Memory,
+            None => StateBackend::Memory {
+                max_keys: parse_count(
+                    "CASF_STATE_MAX_KEYS",
+                    get("CASF_STATE_MAX_KEYS")?,
+                    crate::state::memory::DEFAULT_MAX_KEYS,
+                )?,
+            },
         };
         let audit = match get("PG_DSN")? {
             Some(dsn) => {
@@ -187,7 +198,9 @@ impl Settings {
             PolicyBackend::Opa { url } => format!("OPA REST ({})", redact_url(url)),
         };
         let state = match &self.state {
-            StateBackend::Memory => "in-process memory".to_owned(),
+            StateBackend::Memory { max_keys } => {
+                format!("in-process memory (at most {max_keys} keys)")
+            }
             StateBackend::Redis { url } => format!("Redis ({})", redact_url(url)),
         };
         let audit = match (&self.audit, self.audit_disabled) {
@@ -227,6 +240,21 @@ fn parse_seconds(
         _ => Err(invalid(
             var,
             format!("expected a positive whole number of seconds, got {raw:?}"),
+        )),
+    }
+}
+
+fn parse_count(
+    var: &'static str,
+    raw: Option<String>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().parse::<usize>() {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err(invalid(
+            var,
+            format!("expected a positive whole number, got {raw:?}"),
         )),
     }
 }
@@ -334,7 +362,12 @@ mod tests {
                 dir: "policies".into()
             }
         );
-        assert_eq!(s.state, StateBackend::Memory);
+        assert_eq!(
+            s.state,
+            StateBackend::Memory {
+                max_keys: crate::state::memory::DEFAULT_MAX_KEYS
+            }
+        );
         assert_eq!(
             s.audit,
             AuditBackend::Sqlite {
@@ -351,6 +384,18 @@ mod tests {
                 explicit: false
             }
         );
+    }
+
+    #[test]
+    fn the_in_process_state_bound_applies_only_without_redis() {
+        let s = settings(&[("CASF_STATE_MAX_KEYS", "5000")]).unwrap();
+        assert_eq!(s.state, StateBackend::Memory { max_keys: 5000 });
+        let s = settings(&[
+            ("CASF_STATE_MAX_KEYS", "5000"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ])
+        .unwrap();
+        assert!(matches!(s.state, StateBackend::Redis { .. }));
     }
 
     #[test]
@@ -380,6 +425,12 @@ mod tests {
             "CASF_ROUTES"
         );
         assert_eq!(settings(&[("PG_DSN", "")]).unwrap_err().var, "PG_DSN");
+        for bad in ["0", "-1", "many"] {
+            assert_eq!(
+                settings(&[("CASF_STATE_MAX_KEYS", bad)]).unwrap_err().var,
+                "CASF_STATE_MAX_KEYS"
+            );
+        }
         assert_eq!(
             settings(&[("OPA_URL", "opa:8181")]).unwrap_err().var,
             "OPA_URL"

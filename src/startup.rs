@@ -96,10 +96,11 @@ struct StateStore {
 
 async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
     match &settings.state {
-        StateBackend::Memory => {
+        StateBackend::Memory { max_keys } => {
             let state = Arc::new(MemoryState::new(
                 settings.anti_replay_ttl,
                 settings.pending_ttl,
+                *max_keys,
             ));
             Ok(StateStore {
                 replay: state.clone(),

@@ -40,7 +40,7 @@ impl Decision {
 }
 
 /// Body of every decision, HTTP 200 on `/verify`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VerifyResponse {
     pub decision: Decision,
     pub violations: Vec<String>,

@@ -187,6 +187,7 @@ mod tests {
         let state = Arc::new(MemoryState::new(
             Duration::from_secs(60),
             Duration::from_secs(5),
+            1024,
         ));
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let pipeline = Pipeline::new(

@@ -151,6 +151,7 @@ mod tests {
         let state = Arc::new(MemoryState::new(
             Duration::from_secs(60),
             Duration::from_secs(5),
+            1024,
         ));
         let readiness = Arc::new(Checks {
             audit: None,

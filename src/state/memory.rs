@@ -8,13 +8,23 @@
 //! thousands of entries, and each time it doubled, or was swept, every
 //! request waited behind the lock (a 300 ms stall in a 1,000/s run). A shard
 //! holds a 64th of that and blocks only the requests that hash to it.
+//!
+//! Memory is bounded. Every decision is kept for the replay TTL, so without a
+//! bound the process grows with the request rate times a day. Entries are
+//! kept small (a 32-byte digest of the fingerprint, the answer shared with
+//! every other entry that gave the same one), and at most `max_keys` are
+//! held. When a shard is full even after dropping what expired, it refuses
+//! new keys with [`StateError::Full`]: writes then fail closed and reads go on
+//! without anti-replay, as they would with Redis down. Forgetting old
+//! decisions instead would let a replay of one be decided, and run, twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::{Claim, RateLimiter, ReplayGuard, StateError};
@@ -24,15 +34,29 @@ use crate::domain::{RequestId, VerifyResponse};
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Independent maps (and locks); a power of two.
 const SHARDS: usize = 64;
+/// Default `CASF_STATE_MAX_KEYS`.
+pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
+/// Distinct answers a shard keeps for sharing before it starts afresh.
+/// Answers come from a small set (decision, violation codes, reason), so
+/// this is only reached if that ever stops being true.
+const MAX_SHARED_RESPONSES: usize = 1024;
+
+/// What a claim remembers of the payload: the SHA-256 of its fingerprint,
+/// 32 bytes instead of a 64-character string.
+type PayloadDigest = [u8; 32];
+
+fn digest(fingerprint: &str) -> PayloadDigest {
+    Sha256::digest(fingerprint.as_bytes()).into()
+}
 
 enum ReplayEntry {
     Pending {
-        fingerprint: String,
+        payload: PayloadDigest,
         expires: Instant,
     },
     Done {
-        fingerprint: String,
-        response: VerifyResponse,
+        payload: PayloadDigest,
+        response: Arc<VerifyResponse>,
         expires: Instant,
     },
 }
@@ -51,21 +75,55 @@ struct Window {
 }
 
 struct Maps {
-    replay: HashMap<String, ReplayEntry>,
-    windows: HashMap<String, Window>,
+    replay: HashMap<Box<str>, ReplayEntry>,
+    windows: HashMap<Box<str>, Window>,
+    /// One copy of each answer stored, shared by the entries that gave it.
+    responses: HashSet<Arc<VerifyResponse>>,
     next_sweep: Instant,
+}
+
+impl Maps {
+    fn keys(&self) -> usize {
+        self.replay.len() + self.windows.len()
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.replay.retain(|_, entry| entry.expires() > now);
+        self.windows.retain(|_, window| window.expires > now);
+        // Answers no entry holds any more.
+        self.responses
+            .retain(|response| Arc::strong_count(response) > 1);
+        self.next_sweep = now + SWEEP_EVERY;
+    }
+
+    fn shared(&mut self, response: &VerifyResponse) -> Arc<VerifyResponse> {
+        if let Some(shared) = self.responses.get(response) {
+            return shared.clone();
+        }
+        if self.responses.len() >= MAX_SHARED_RESPONSES {
+            self.responses.clear();
+        }
+        let shared = Arc::new(response.clone());
+        self.responses.insert(shared.clone());
+        shared
+    }
 }
 
 pub struct MemoryState {
     shards: Box<[Mutex<Maps>]>,
     /// Picks a key's shard (randomly seeded, like the maps themselves).
     spread: std::collections::hash_map::RandomState,
+    /// Most keys one shard holds: `max_keys` spread evenly over the shards.
+    shard_capacity: usize,
+    max_keys: usize,
     replay_ttl: Duration,
     pending_ttl: Duration,
 }
 
 impl MemoryState {
-    pub fn new(replay_ttl: Duration, pending_ttl: Duration) -> Self {
+    /// State holding at most `max_keys` replay and rate-limit keys in all
+    /// (rounded up to a multiple of the shard count).
+    pub fn new(replay_ttl: Duration, pending_ttl: Duration, max_keys: usize) -> Self {
         let next_sweep = Instant::now() + SWEEP_EVERY;
         MemoryState {
             shards: (0..SHARDS)
@@ -73,11 +131,14 @@ impl MemoryState {
                     Mutex::new(Maps {
                         replay: HashMap::new(),
                         windows: HashMap::new(),
+                        responses: HashSet::new(),
                         next_sweep,
                     })
                 })
                 .collect(),
             spread: Default::default(),
+            shard_capacity: max_keys.div_ceil(SHARDS).max(1),
+            max_keys,
             replay_ttl,
             pending_ttl,
         }
@@ -93,11 +154,22 @@ impl MemoryState {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if now >= maps.next_sweep {
-            maps.replay.retain(|_, entry| entry.expires() > now);
-            maps.windows.retain(|_, window| window.expires > now);
-            maps.next_sweep = now + SWEEP_EVERY;
+            maps.sweep(now);
         }
         maps
+    }
+
+    /// Whether the shard may take one more key, sweeping it first if full.
+    fn make_room(&self, maps: &mut Maps, now: Instant) -> Result<(), StateError> {
+        if maps.keys() >= self.shard_capacity {
+            maps.sweep(now);
+        }
+        if maps.keys() >= self.shard_capacity {
+            return Err(StateError::Full {
+                max_keys: self.max_keys,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -110,27 +182,32 @@ impl ReplayGuard for MemoryState {
     async fn claim(&self, request_id: &RequestId, fingerprint: &str) -> Result<Claim, StateError> {
         let now = Instant::now();
         let mut maps = self.lock(request_id.as_str(), now);
+        let payload = digest(fingerprint);
         let claim = match maps.replay.get(request_id.as_str()) {
             Some(entry) if entry.expires() > now => match entry {
                 ReplayEntry::Pending {
-                    fingerprint: stored,
-                    ..
-                } if stored == fingerprint => Claim::Pending,
+                    payload: stored, ..
+                } if *stored == payload => Claim::Pending,
                 ReplayEntry::Done {
-                    fingerprint: stored,
+                    payload: stored,
                     response,
                     ..
-                } if stored == fingerprint => Claim::Cached(response.clone()),
+                } if *stored == payload => Claim::Cached(VerifyResponse::clone(response)),
                 _ => Claim::Mismatch,
             },
-            _ => Claim::Claimed,
+            // An expired entry is replaced in place; only a new key needs room.
+            Some(_) => Claim::Claimed,
+            None => {
+                self.make_room(&mut maps, now)?;
+                Claim::Claimed
+            }
         };
         if claim == Claim::Claimed {
             let entry = ReplayEntry::Pending {
-                fingerprint: fingerprint.to_owned(),
+                payload,
                 expires: now + self.pending_ttl,
             };
-            maps.replay.insert(request_id.as_str().to_owned(), entry);
+            maps.replay.insert(request_id.as_str().into(), entry);
         }
         Ok(claim)
     }
@@ -142,22 +219,27 @@ impl ReplayGuard for MemoryState {
         response: &VerifyResponse,
     ) -> Result<(), StateError> {
         let now = Instant::now();
+        let mut maps = self.lock(request_id.as_str(), now);
+        // The claim normally still holds the key; if it expired and was
+        // swept, storing the decision needs room like any new key.
+        if !maps.replay.contains_key(request_id.as_str()) {
+            self.make_room(&mut maps, now)?;
+        }
         let entry = ReplayEntry::Done {
-            fingerprint: fingerprint.to_owned(),
-            response: response.clone(),
+            payload: digest(fingerprint),
+            response: maps.shared(response),
             expires: now + self.replay_ttl,
         };
-        self.lock(request_id.as_str(), now)
-            .replay
-            .insert(request_id.as_str().to_owned(), entry);
+        maps.replay.insert(request_id.as_str().into(), entry);
         Ok(())
     }
 
     async fn release(&self, request_id: &RequestId, fingerprint: &str) -> Result<(), StateError> {
         let mut maps = self.lock(request_id.as_str(), Instant::now());
+        let payload = digest(fingerprint);
         let ours = matches!(
             maps.replay.get(request_id.as_str()),
-            Some(ReplayEntry::Pending { fingerprint: stored, .. }) if stored == fingerprint
+            Some(ReplayEntry::Pending { payload: stored, .. }) if *stored == payload
         );
         if ours {
             maps.replay.remove(request_id.as_str());
@@ -175,7 +257,10 @@ impl RateLimiter for MemoryState {
     async fn hit(&self, key: &str, window: Duration) -> Result<u64, StateError> {
         let now = Instant::now();
         let mut maps = self.lock(key, now);
-        let slot = maps.windows.entry(key.to_owned()).or_insert(Window {
+        if !maps.windows.contains_key(key) {
+            self.make_room(&mut maps, now)?;
+        }
+        let slot = maps.windows.entry(key.into()).or_insert(Window {
             count: 0,
             expires: now + window,
         });
@@ -200,7 +285,11 @@ mod tests {
     }
 
     fn state() -> MemoryState {
-        MemoryState::new(Duration::from_secs(86_400), Duration::from_secs(30))
+        MemoryState::new(
+            Duration::from_secs(86_400),
+            Duration::from_secs(30),
+            1_000_000,
+        )
     }
 
     fn allow() -> VerifyResponse {
@@ -302,6 +391,74 @@ mod tests {
             .iter()
             .filter(|shard| !shard.lock().unwrap().replay.is_empty());
         assert_eq!(used.count(), SHARDS, "1,000 ids spread over every shard");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_state_refuses_new_ids_keeps_known_ones_and_frees_room_as_they_expire() {
+        // Two keys per shard: some shard fills within 2 * SHARDS + 1 claims.
+        let s = MemoryState::new(
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+            2 * SHARDS,
+        );
+        let mut kept = Vec::new();
+        let refused = loop {
+            let request_id = id(&format!("req-{}", kept.len()));
+            match s.claim(&request_id, "f").await {
+                Ok(Claim::Claimed) => {
+                    s.complete(&request_id, "f", &allow()).await.unwrap();
+                    kept.push(request_id);
+                }
+                Ok(other) => panic!("fresh id answered {other:?}"),
+                Err(error) => break (request_id, error),
+            }
+            assert!(kept.len() <= 2 * SHARDS, "never refused a key");
+        };
+        assert!(matches!(refused.1, StateError::Full { max_keys } if max_keys == 2 * SHARDS));
+        let held: usize = s.shards.iter().map(|m| m.lock().unwrap().keys()).sum();
+        assert_eq!(held, kept.len(), "the refused id left nothing behind");
+        for request_id in &kept {
+            assert_eq!(
+                s.claim(request_id, "f").await.unwrap(),
+                Claim::Cached(allow())
+            );
+        }
+        assert!(s.claim(&refused.0, "f").await.is_err(), "still full");
+
+        tokio::time::advance(Duration::from_secs(601)).await;
+        assert_eq!(s.claim(&refused.0, "f").await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_windows_count_against_the_same_bound() {
+        let s = MemoryState::new(Duration::from_secs(600), Duration::from_secs(30), SHARDS);
+        let hour = Duration::from_secs(3600);
+        let mut counted = Vec::new();
+        while let Ok(count) = s.hit(&format!("sms:p{}", counted.len()), hour).await {
+            assert_eq!(count, 1);
+            counted.push(format!("sms:p{}", counted.len()));
+            assert!(counted.len() <= SHARDS, "never refused a key");
+        }
+        // A window already held keeps counting when the state is full.
+        assert_eq!(s.hit(&counted[0], hour).await.unwrap(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_shard_stores_one_copy_of_an_answer_however_many_ids_gave_it() {
+        let s = state();
+        let denied = VerifyResponse::deny("Inv_NoSmsBurst");
+        for i in 0..1000 {
+            let request_id = id(&format!("req-{i}"));
+            s.claim(&request_id, "f").await.unwrap();
+            s.complete(&request_id, "f", &denied).await.unwrap();
+        }
+        for shard in s.shards.iter() {
+            let maps = shard.lock().unwrap();
+            assert_eq!(maps.responses.len(), 1);
+            let shared = maps.responses.iter().next().unwrap();
+            // The set's own reference plus one per entry of the shard.
+            assert_eq!(Arc::strong_count(shared), maps.replay.len() + 1);
+        }
     }
 
     #[tokio::test]

@@ -38,6 +38,12 @@ pub enum StateError {
     Unavailable(String),
     #[error("state store gave an unusable answer: {0}")]
     BadResponse(String),
+    /// The in-process state holds as many keys as it may
+    /// (`CASF_STATE_MAX_KEYS`) and none has expired yet.
+    #[error(
+        "in-process state is full ({max_keys} keys): raise CASF_STATE_MAX_KEYS or set REDIS_URL"
+    )]
+    Full { max_keys: usize },
 }
 
 /// Idempotency by `request_id` (guide §7).

@@ -247,6 +247,44 @@ async fn anti_replay_can_be_disabled() {
 }
 
 #[tokio::test]
+async fn a_full_in_process_state_fails_writes_closed_and_lets_reads_through() {
+    // 64 keys: one per shard, so a shard fills within 65 fresh ids.
+    let mut app = spawn_app_with(&[("CASF_STATE_MAX_KEYS", "64")]).await;
+    const FAIL_CLOSED_REDIS: &str = "casf_fail_closed_total{trigger=\"redis\"}";
+    let before = app.metric(FAIL_CLOSED_REDIS).await;
+    let mut refused = None;
+    for _ in 0..=64 {
+        let body = request("cliniccloud.create_appointment", "ALLOW");
+        let decision = app.decide(&body).await;
+        if decision["decision"] == "DENY" {
+            refused = Some((body, decision));
+            break;
+        }
+        assert_eq!(decision["decision"], "ALLOW", "{decision}");
+    }
+    let (body, decision) = refused.expect("a write was refused once the state was full");
+    assert_eq!(
+        violations(&decision),
+        ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"]
+    );
+    assert_eq!(app.metric(FAIL_CLOSED_REDIS).await - before, 1.0);
+
+    // Reads go on without anti-replay, as they do with Redis down.
+    for _ in 0..=64 {
+        let read = request("cliniccloud.list_appointments", "ALLOW");
+        assert_eq!(app.decide(&read).await["decision"], "ALLOW");
+    }
+
+    app.shutdown().await;
+    let rows = app.audit_rows().await;
+    let row = rows
+        .iter()
+        .find(|r| r.request_id == body["request_id"])
+        .expect("the refused write is audited");
+    assert_eq!(row.decision, "DENY");
+}
+
+#[tokio::test]
 async fn missing_patient_id_is_a_400() {
     let app = spawn_app().await;
     for tool in WRITE_TOOLS.iter().chain(&READ_TOOLS) {
