@@ -108,11 +108,11 @@ for backends, label in ((FULL, "the full pipeline (Postgres, Redis, embedded pol
 add("")
 
 add("## Load runs\n")
-add("Doors: `http` is `POST /verify`; `grpc` is ext_authz `Check` straight to the verifier, built as Envoy builds it; `envoy` is the tool call itself through a real Envoy (`--concurrency 1`, `benches/envoy.yaml.in`) to `examples/upstream.rs`, where an allow is the upstream's 2xx and a deny Envoy's 403 (so denials count as non-2xx there). *Undecided* is any answer that is neither an allow nor a decision to deny (a bad request, an error page); *errors* are requests with no answer. *Schedule lag* (open loop only) is how late the load generator itself started requests against their slots; it is included in the latencies, so it bounds how precise they can be.\n")
-add("| Backends | Door | Scenario | Mode | Requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | allow | deny | undecided | errors | non-2xx | verifier peak RSS MiB | schedule lag p99 ms | loadgen arguments |")
-add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+add("Doors: `http` is `POST /verify`; `grpc` is ext_authz `Check` straight to the verifier, built as Envoy builds it; `envoy` is the tool call itself through a real Envoy (`--concurrency 1`, `benches/envoy.yaml.in`) to `examples/upstream.rs`, where an allow is the upstream's 2xx and a deny Envoy's 403 (so denials count as non-2xx there). *Undecided* is any answer that is neither an allow nor a decision to deny (a bad request, an error page); *errors* are requests with no answer. *Verifier CPU* is the verifier's user plus system time during the measured window divided by the requests recorded (all its threads; `/proc/PID/stat`); it repeats far better than requests/s on this shared machine, and at a fixed rate it includes the cost of waking up for each request. *Schedule lag* (open loop only) is how late the load generator itself started requests against their slots; it is included in the latencies, so it bounds how precise they can be.\n")
+add("| Backends | Door | Scenario | Mode | Requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | allow | deny | undecided | errors | non-2xx | verifier peak RSS MiB | verifier CPU µs/request | schedule lag p99 ms | loadgen arguments |")
+add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in loads:
-    add(f"| {r['backends']} | {r['door']} | {r['scenario']} | {r['mode']} | {fmt(r['throughput_rps'], 0)} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r['max_ms'])} | {r['allow']} | {r['deny']} | {r['undecided']} | {r['errors']} | {r['non_2xx']} | {fmt(r['verifier_peak_rss_mib'], 1)} | {fmt(r.get('schedule_lag_p99_ms'))} | `{r['args']}` |")
+    add(f"| {r['backends']} | {r['door']} | {r['scenario']} | {r['mode']} | {fmt(r['throughput_rps'], 0)} | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r['max_ms'])} | {r['allow']} | {r['deny']} | {r['undecided']} | {r['errors']} | {r['non_2xx']} | {fmt(r['verifier_peak_rss_mib'], 1)} | {fmt(r.get('verifier_cpu_us_per_request'), 1)} | {fmt(r.get('schedule_lag_p99_ms'))} | `{r['args']}` |")
 add("")
 add("## Startup\n")
 add("| Backends | Start to `/health` 200 |")
@@ -166,6 +166,8 @@ if smoke:
                 problems.append(f"{row(r)}: {r['allow']} allowed, {r['deny']} denied without ext_authz")
         elif not (r["allow"] and r["deny"]):
             problems.append(f"{row(r)}: {r['allow']} allowed, {r['deny']} denied; the mix has both")
+    # Every row ran with --pid, so each has the verifier's CPU time.
+    problems += [f"{row(r)}: no verifier CPU figure" for r in loads if r.get("verifier_cpu_us_per_request") is None]
     if added is None:
         problems.append("the ext_authz-added p99 was not computed")
     audits = [r for r in rows if r["row"] == "audit"]

@@ -20,6 +20,7 @@
 //! ```
 
 mod doors;
+mod verifier_proc;
 mod workload;
 
 use std::net::IpAddr;
@@ -81,7 +82,8 @@ struct Args {
     /// Hard cap on requests sent.
     #[arg(long, default_value_t = 2_000_000)]
     requests: u64,
-    /// The verifier's pid, to report its peak RSS (VmHWM).
+    /// The verifier's pid, to report its peak RSS (VmHWM) and its CPU time
+    /// per recorded request.
     #[arg(long)]
     pid: Option<u32>,
     /// Print one JSON object instead of text.
@@ -208,14 +210,6 @@ fn ensure_loopback(url: &str) -> Result<(), String> {
     }
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Args::parse();
@@ -243,6 +237,14 @@ async fn main() -> Result<(), String> {
         first_problem: std::sync::Mutex::new(None),
     });
     let deadline = started + Duration::from_secs_f64(args.warmup + args.duration);
+    // The verifier's CPU time when recording starts, after the warmup.
+    let cpu_at_start = args.pid.map(|pid| {
+        let record_after = recorder.record_after;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(record_after.into()).await;
+            verifier_proc::cpu_time(pid)
+        })
+    });
 
     match args.rate {
         None => {
@@ -301,6 +303,15 @@ async fn main() -> Result<(), String> {
     }
 
     let elapsed = started.elapsed().as_secs_f64() - args.warmup;
+    let cpu_spent = match (args.pid, cpu_at_start) {
+        (Some(pid), Some(at_start)) => {
+            let at_start = at_start.await.map_err(|e| e.to_string())?;
+            at_start
+                .zip(verifier_proc::cpu_time(pid))
+                .map(|(start, end)| end.saturating_sub(start))
+        }
+        _ => None,
+    };
     let histogram = recorder.latencies.lock().await;
     let tally = &recorder.tally;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
@@ -334,7 +345,10 @@ async fn main() -> Result<(), String> {
         "deny": count(&tally.deny),
         "undecided": count(&tally.undecided),
         "first_problem": first_problem,
-        "verifier_peak_rss_mib": args.pid.and_then(peak_rss_kib).map(|kib| (kib as f64 / 1024.0 * 10.0).round() / 10.0),
+        "verifier_peak_rss_mib": args.pid.and_then(verifier_proc::peak_rss_kib).map(|kib| (kib as f64 / 1024.0 * 10.0).round() / 10.0),
+        // Includes requests sent in the window but recorded after it: a
+        // slight overestimate at most, and the same for every row.
+        "verifier_cpu_us_per_request": cpu_spent.filter(|_| !histogram.is_empty()).map(|cpu| (cpu.as_secs_f64() * 1e6 / histogram.len() as f64 * 10.0).round() / 10.0),
     });
     if args.json {
         println!("{report}");
