@@ -250,6 +250,17 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Exposes `keys` as `casf_state_keys`: how many keys the in-process
+    /// state holds, against its `CASF_STATE_MAX_KEYS` bound. Registered only
+    /// when that state is in use; Redis reports its own memory.
+    pub fn track_state_keys(&mut self, keys: Gauge) {
+        self.registry.register(
+            "casf_state_keys",
+            "Keys held by the in-process anti-replay and rate-limit state",
+            keys,
+        );
+    }
+
     /// Marks one decision as started; the gauge drops when the guard does.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();

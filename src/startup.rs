@@ -36,6 +36,7 @@ use crate::policy::opa::{OpaPolicy, OpaSetupError};
 use crate::state::memory::MemoryState;
 use crate::state::redis::{RedisSetupError, RedisState};
 use crate::state::{RateLimiter, ReplayGuard};
+use prometheus_client::metrics::gauge::Gauge;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -92,6 +93,8 @@ fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, Startu
 struct StateStore {
     replay: Arc<dyn ReplayGuard>,
     limiter: Arc<dyn RateLimiter>,
+    /// How many keys the in-process state holds; `None` with Redis.
+    held_keys: Option<Gauge>,
 }
 
 async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
@@ -103,6 +106,7 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
                 *max_keys,
             ));
             Ok(StateStore {
+                held_keys: Some(state.held_keys()),
                 replay: state.clone(),
                 limiter: state,
             })
@@ -114,6 +118,7 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
             Ok(StateStore {
                 replay: state.clone(),
                 limiter: state,
+                held_keys: None,
             })
         }
     }
@@ -149,7 +154,11 @@ impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         let (routes, routes_summary) = load_routes(&settings.routes)?;
         let policy = build_policy(&settings.policy)?;
-        let StateStore { replay, limiter } = build_state(settings).await?;
+        let StateStore {
+            replay,
+            limiter,
+            held_keys,
+        } = build_state(settings).await?;
         let audit_log = if settings.audit_disabled {
             None
         } else {
@@ -164,7 +173,11 @@ impl Application {
             }
             None => (None, None),
         };
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        if let Some(keys) = held_keys {
+            metrics.track_state_keys(keys);
+        }
+        let metrics = Arc::new(metrics);
         let pipeline = Pipeline::new(
             policy.clone(),
             settings.anti_replay_enabled.then(|| replay.clone()),

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -87,13 +88,16 @@ impl Maps {
         self.replay.len() + self.windows.len()
     }
 
-    fn sweep(&mut self, now: Instant) {
+    /// Drops what expired; returns how many keys that was.
+    fn sweep(&mut self, now: Instant) -> usize {
+        let before = self.keys();
         self.replay.retain(|_, entry| entry.expires() > now);
         self.windows.retain(|_, window| window.expires > now);
         // Answers no entry holds any more.
         self.responses
             .retain(|response| Arc::strong_count(response) > 1);
         self.next_sweep = now + SWEEP_EVERY;
+        before - self.keys()
     }
 
     fn shared(&mut self, response: &VerifyResponse) -> Arc<VerifyResponse> {
@@ -116,6 +120,8 @@ pub struct MemoryState {
     /// Most keys one shard holds: `max_keys` spread evenly over the shards.
     shard_capacity: usize,
     max_keys: usize,
+    /// Keys held in all shards, kept up to date at every insert and removal.
+    held: Gauge,
     replay_ttl: Duration,
     pending_ttl: Duration,
 }
@@ -139,6 +145,7 @@ impl MemoryState {
             spread: Default::default(),
             shard_capacity: max_keys.div_ceil(SHARDS).max(1),
             max_keys,
+            held: Gauge::default(),
             replay_ttl,
             pending_ttl,
         }
@@ -154,15 +161,25 @@ impl MemoryState {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if now >= maps.next_sweep {
-            maps.sweep(now);
+            self.swept(&mut maps, now);
         }
         maps
+    }
+
+    /// The number of keys held, for `casf_state_keys`.
+    pub fn held_keys(&self) -> Gauge {
+        self.held.clone()
+    }
+
+    fn swept(&self, maps: &mut Maps, now: Instant) {
+        let dropped = maps.sweep(now);
+        self.held.dec_by(dropped as i64);
     }
 
     /// Whether the shard may take one more key, sweeping it first if full.
     fn make_room(&self, maps: &mut Maps, now: Instant) -> Result<(), StateError> {
         if maps.keys() >= self.shard_capacity {
-            maps.sweep(now);
+            self.swept(maps, now);
         }
         if maps.keys() >= self.shard_capacity {
             return Err(StateError::Full {
@@ -207,7 +224,13 @@ impl ReplayGuard for MemoryState {
                 payload,
                 expires: now + self.pending_ttl,
             };
-            maps.replay.insert(request_id.as_str().into(), entry);
+            if maps
+                .replay
+                .insert(request_id.as_str().into(), entry)
+                .is_none()
+            {
+                self.held.inc();
+            }
         }
         Ok(claim)
     }
@@ -230,7 +253,13 @@ impl ReplayGuard for MemoryState {
             response: maps.shared(response),
             expires: now + self.replay_ttl,
         };
-        maps.replay.insert(request_id.as_str().into(), entry);
+        if maps
+            .replay
+            .insert(request_id.as_str().into(), entry)
+            .is_none()
+        {
+            self.held.inc();
+        }
         Ok(())
     }
 
@@ -243,6 +272,7 @@ impl ReplayGuard for MemoryState {
         );
         if ours {
             maps.replay.remove(request_id.as_str());
+            self.held.dec();
         }
         Ok(())
     }
@@ -259,6 +289,7 @@ impl RateLimiter for MemoryState {
         let mut maps = self.lock(key, now);
         if !maps.windows.contains_key(key) {
             self.make_room(&mut maps, now)?;
+            self.held.inc();
         }
         let slot = maps.windows.entry(key.into()).or_insert(Window {
             count: 0,
@@ -459,6 +490,43 @@ mod tests {
             // The set's own reference plus one per entry of the shard.
             assert_eq!(Arc::strong_count(shared), maps.replay.len() + 1);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_held_keys_gauge_follows_claims_releases_windows_and_sweeps() {
+        let s = MemoryState::new(Duration::from_secs(600), Duration::from_secs(30), 100_000);
+        let held = s.held_keys();
+        let in_shards = || -> i64 {
+            s.shards
+                .iter()
+                .map(|m| m.lock().unwrap().keys() as i64)
+                .sum()
+        };
+        for i in 0..40 {
+            let request_id = id(&format!("req-{i}"));
+            s.claim(&request_id, "f").await.unwrap();
+            match i % 4 {
+                0 => s.release(&request_id, "f").await.unwrap(),
+                1 => {} // abandoned: expires after the pending TTL
+                _ => s.complete(&request_id, "f", &allow()).await.unwrap(),
+            }
+            s.claim(&request_id, "f").await.unwrap(); // replays change nothing
+        }
+        s.hit("sms:p1", Duration::from_secs(60)).await.unwrap();
+        s.hit("sms:p1", Duration::from_secs(60)).await.unwrap();
+        // 10 released, then claimed again by the replay; 10 abandoned; 20 done.
+        assert_eq!(held.get(), 41);
+        assert_eq!(held.get(), in_shards());
+
+        // Past the pending TTL and the window, the next access to each shard
+        // sweeps it (3,000 ids reach all 64): the abandoned claims, the
+        // re-claims and the SMS window go.
+        tokio::time::advance(SWEEP_EVERY + Duration::from_secs(1)).await;
+        for i in 0..3000 {
+            s.claim(&id(&format!("later-{i}")), "f").await.unwrap();
+        }
+        assert_eq!(held.get(), in_shards());
+        assert_eq!(held.get(), 20 + 3000);
     }
 
     #[tokio::test]

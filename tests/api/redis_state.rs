@@ -274,6 +274,11 @@ async fn redis_down_fails_writes_closed_lets_reads_through_and_recovers_without_
     let (status, body) = healthz(&app).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["checks"]["redis"], "ok");
+    let (_, metrics) = app.get("/metrics").await;
+    assert!(
+        !metrics.contains("casf_state_keys"),
+        "Redis holds the keys; the in-process gauge is not exported"
+    );
     let before_outage = request("cliniccloud.create_appointment", "ALLOW");
     assert_eq!(app.decide(&before_outage).await["decision"], "ALLOW");
 

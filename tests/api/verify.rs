@@ -247,6 +247,22 @@ async fn anti_replay_can_be_disabled() {
 }
 
 #[tokio::test]
+async fn metrics_count_the_keys_the_in_process_state_holds() {
+    let app = spawn_app().await;
+    assert_eq!(app.metric("casf_state_keys").await, 0.0);
+    let first = request("cliniccloud.create_appointment", "ALLOW");
+    app.decide(&first).await;
+    app.decide(&request("cliniccloud.list_appointments", "ALLOW"))
+        .await;
+    assert_eq!(app.metric("casf_state_keys").await, 2.0);
+    app.decide(&first).await; // a replay adds nothing
+    assert_eq!(app.metric("casf_state_keys").await, 2.0);
+    // An SMS holds its request_id and the patient's window.
+    app.decide(&request("twilio.send_sms", "ALLOW")).await;
+    assert_eq!(app.metric("casf_state_keys").await, 4.0);
+}
+
+#[tokio::test]
 async fn a_full_in_process_state_fails_writes_closed_and_lets_reads_through() {
     // 64 keys: one per shard, so a shard fills within 65 fresh ids.
     let mut app = spawn_app_with(&[("CASF_STATE_MAX_KEYS", "64")]).await;
