@@ -33,6 +33,9 @@ use crate::domain::{RequestId, VerifyResponse};
 
 /// How often expired entries are swept out of a shard, at most.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often a full shard sweeps again to find room. Without a pause a full
+/// shard would scan all its entries for every request it refuses.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Independent maps (and locks); a power of two.
 const SHARDS: usize = 64;
 /// Default `CASF_STATE_MAX_KEYS`.
@@ -81,6 +84,7 @@ struct Maps {
     /// One copy of each answer stored, shared by the entries that gave it.
     responses: HashSet<Arc<VerifyResponse>>,
     next_sweep: Instant,
+    last_sweep: Instant,
 }
 
 impl Maps {
@@ -97,6 +101,7 @@ impl Maps {
         self.responses
             .retain(|response| Arc::strong_count(response) > 1);
         self.next_sweep = now + SWEEP_EVERY;
+        self.last_sweep = now;
         before - self.keys()
     }
 
@@ -130,7 +135,7 @@ impl MemoryState {
     /// State holding at most `max_keys` replay and rate-limit keys in all
     /// (rounded up to a multiple of the shard count).
     pub fn new(replay_ttl: Duration, pending_ttl: Duration, max_keys: usize) -> Self {
-        let next_sweep = Instant::now() + SWEEP_EVERY;
+        let now = Instant::now();
         MemoryState {
             shards: (0..SHARDS)
                 .map(|_| {
@@ -138,7 +143,8 @@ impl MemoryState {
                         replay: HashMap::new(),
                         windows: HashMap::new(),
                         responses: HashSet::new(),
-                        next_sweep,
+                        next_sweep: now + SWEEP_EVERY,
+                        last_sweep: now,
                     })
                 })
                 .collect(),
@@ -176,9 +182,10 @@ impl MemoryState {
         self.held.dec_by(dropped as i64);
     }
 
-    /// Whether the shard may take one more key, sweeping it first if full.
+    /// Whether the shard may take one more key, sweeping it first if full
+    /// (at most every [`FULL_SWEEP_EVERY`]).
     fn make_room(&self, maps: &mut Maps, now: Instant) -> Result<(), StateError> {
-        if maps.keys() >= self.shard_capacity {
+        if maps.keys() >= self.shard_capacity && now >= maps.last_sweep + FULL_SWEEP_EVERY {
             self.swept(maps, now);
         }
         if maps.keys() >= self.shard_capacity {
@@ -458,6 +465,31 @@ mod tests {
 
         tokio::time::advance(Duration::from_secs(601)).await;
         assert_eq!(s.claim(&refused.0, "f").await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_shard_looks_for_expired_keys_at_most_once_a_second() {
+        // One key per shard, claimed and abandoned: each expires after 30 s.
+        let s = MemoryState::new(Duration::from_secs(600), Duration::from_secs(30), SHARDS);
+        let mut n = 0;
+        let refused = loop {
+            let request_id = id(&format!("req-{n}"));
+            n += 1;
+            if s.claim(&request_id, "f").await.is_err() {
+                break request_id;
+            }
+            assert!(n <= SHARDS + 1, "never refused a key");
+        };
+        tokio::time::advance(Duration::from_millis(29_900)).await;
+        assert!(s.claim(&refused, "f").await.is_err(), "nothing expired yet");
+        // Expired now, but the shard swept 0.6 s ago: still refused.
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(
+            s.claim(&refused, "f").await.is_err(),
+            "swept again too soon"
+        );
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(s.claim(&refused, "f").await.unwrap(), Claim::Claimed);
     }
 
     #[tokio::test(start_paused = true)]
