@@ -131,10 +131,11 @@ impl Settings {
             }
             Some(_) => return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL")),
             None => StateBackend::Memory {
-                max_keys: parse_count(
+                max_keys: parse_positive(
                     "CASF_STATE_MAX_KEYS",
                     get("CASF_STATE_MAX_KEYS")?,
                     crate::state::memory::DEFAULT_MAX_KEYS,
+                    "",
                 )?,
             },
         };
@@ -234,27 +235,23 @@ fn parse_seconds(
     raw: Option<String>,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    let Some(raw) = raw else { return Ok(default) };
-    match raw.trim().parse::<u64>() {
-        Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
-        _ => Err(invalid(
-            var,
-            format!("expected a positive whole number of seconds, got {raw:?}"),
-        )),
-    }
+    parse_positive(var, raw, default.as_secs(), " of seconds").map(Duration::from_secs)
 }
 
-fn parse_count(
+/// A whole number above zero, or `default` when unset; `unit` completes
+/// the error message.
+fn parse_positive<N: std::str::FromStr + Default + PartialOrd>(
     var: &'static str,
     raw: Option<String>,
-    default: usize,
-) -> Result<usize, ConfigError> {
+    default: N,
+    unit: &str,
+) -> Result<N, ConfigError> {
     let Some(raw) = raw else { return Ok(default) };
-    match raw.trim().parse::<usize>() {
-        Ok(count) if count > 0 => Ok(count),
+    match raw.trim().parse::<N>() {
+        Ok(n) if n > N::default() => Ok(n),
         _ => Err(invalid(
             var,
-            format!("expected a positive whole number, got {raw:?}"),
+            format!("expected a positive whole number{unit}, got {raw:?}"),
         )),
     }
 }
