@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -107,6 +108,29 @@ struct DoorLabels {
 struct RejectionLabels {
     door: &'static str,
     reason: &'static str,
+}
+
+/// `casf_state_keys`, counted when scraped rather than kept up to date on
+/// every claim.
+struct StateKeys(Box<dyn Fn() -> usize + Send + Sync>);
+
+impl std::fmt::Debug for StateKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKeys")
+    }
+}
+
+impl Collector for StateKeys {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let keys = ConstGauge::new(i64::try_from((self.0)()).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "casf_state_keys",
+            "Keys held by the in-process anti-replay and rate-limit state",
+            None,
+            keys.metric_type(),
+        )?;
+        keys.encode(metric)
+    }
 }
 
 /// All metrics of one verifier process.
@@ -250,15 +274,13 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Exposes `keys` as `casf_state_keys`: how many keys the in-process
-    /// state holds, against its `CASF_STATE_MAX_KEYS` bound. Registered only
-    /// when that state is in use; Redis reports its own memory.
-    pub fn track_state_keys(&mut self, keys: Gauge) {
-        self.registry.register(
-            "casf_state_keys",
-            "Keys held by the in-process anti-replay and rate-limit state",
-            keys,
-        );
+    /// Exposes `casf_state_keys`: how many keys the in-process state holds,
+    /// against its `CASF_STATE_MAX_KEYS` bound, read from `count` at each
+    /// scrape. Registered only when that state is in use; Redis reports its
+    /// own memory.
+    pub fn track_state_keys(&mut self, count: impl Fn() -> usize + Send + Sync + 'static) {
+        self.registry
+            .register_collector(Box::new(StateKeys(Box::new(count))));
     }
 
     /// Marks one decision as started; the gauge drops when the guard does.

@@ -36,7 +36,6 @@ use crate::policy::opa::{OpaPolicy, OpaSetupError};
 use crate::state::memory::MemoryState;
 use crate::state::redis::{RedisSetupError, RedisState};
 use crate::state::{RateLimiter, ReplayGuard};
-use prometheus_client::metrics::gauge::Gauge;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -93,8 +92,8 @@ fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, Startu
 struct StateStore {
     replay: Arc<dyn ReplayGuard>,
     limiter: Arc<dyn RateLimiter>,
-    /// How many keys the in-process state holds; `None` with Redis.
-    held_keys: Option<Gauge>,
+    /// The in-process state, for its key count; `None` with Redis.
+    memory: Option<Arc<MemoryState>>,
 }
 
 async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
@@ -106,7 +105,7 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
                 *max_keys,
             ));
             Ok(StateStore {
-                held_keys: Some(state.held_keys()),
+                memory: Some(state.clone()),
                 replay: state.clone(),
                 limiter: state,
             })
@@ -118,7 +117,7 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
             Ok(StateStore {
                 replay: state.clone(),
                 limiter: state,
-                held_keys: None,
+                memory: None,
             })
         }
     }
@@ -157,7 +156,7 @@ impl Application {
         let StateStore {
             replay,
             limiter,
-            held_keys,
+            memory,
         } = build_state(settings).await?;
         let audit_log = if settings.audit_disabled {
             None
@@ -174,8 +173,8 @@ impl Application {
             None => (None, None),
         };
         let mut metrics = Metrics::new();
-        if let Some(keys) = held_keys {
-            metrics.track_state_keys(keys);
+        if let Some(state) = memory {
+            metrics.track_state_keys(move || state.keys_held());
         }
         let metrics = Arc::new(metrics);
         let pipeline = Pipeline::new(

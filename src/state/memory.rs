@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -92,9 +91,7 @@ impl Maps {
         self.replay.len() + self.windows.len()
     }
 
-    /// Drops what expired; returns how many keys that was.
-    fn sweep(&mut self, now: Instant) -> usize {
-        let before = self.keys();
+    fn sweep(&mut self, now: Instant) {
         self.replay.retain(|_, entry| entry.expires() > now);
         self.windows.retain(|_, window| window.expires > now);
         // Answers no entry holds any more.
@@ -102,7 +99,6 @@ impl Maps {
             .retain(|response| Arc::strong_count(response) > 1);
         self.next_sweep = now + SWEEP_EVERY;
         self.last_sweep = now;
-        before - self.keys()
     }
 
     fn shared(&mut self, response: &VerifyResponse) -> Arc<VerifyResponse> {
@@ -125,8 +121,6 @@ pub struct MemoryState {
     /// Most keys one shard holds: `max_keys` spread evenly over the shards.
     shard_capacity: usize,
     max_keys: usize,
-    /// Keys held in all shards, kept up to date at every insert and removal.
-    held: Gauge,
     replay_ttl: Duration,
     pending_ttl: Duration,
 }
@@ -151,7 +145,6 @@ impl MemoryState {
             spread: Default::default(),
             shard_capacity: max_keys.div_ceil(SHARDS).max(1),
             max_keys,
-            held: Gauge::default(),
             replay_ttl,
             pending_ttl,
         }
@@ -160,33 +153,23 @@ impl MemoryState {
     /// Locks the shard holding `key` and drops its expired entries when a
     /// sweep is due.
     fn lock(&self, key: &str, now: Instant) -> MutexGuard<'_, Maps> {
-        let shard = &self.shards[self.spread.hash_one(key) as usize % SHARDS];
-        // A panic while holding the lock cannot leave the maps half-updated
-        // (every update is a single insert or remove), so poisoning is ignored.
-        let mut maps = shard
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut maps = locked(&self.shards[self.spread.hash_one(key) as usize % SHARDS]);
         if now >= maps.next_sweep {
-            self.swept(&mut maps, now);
+            maps.sweep(now);
         }
         maps
     }
 
-    /// The number of keys held, for `casf_state_keys`.
-    pub fn held_keys(&self) -> Gauge {
-        self.held.clone()
-    }
-
-    fn swept(&self, maps: &mut Maps, now: Instant) {
-        let dropped = maps.sweep(now);
-        self.held.dec_by(dropped as i64);
+    /// Keys held in all shards (`casf_state_keys`), counted when asked.
+    pub fn keys_held(&self) -> usize {
+        self.shards.iter().map(|shard| locked(shard).keys()).sum()
     }
 
     /// Whether the shard may take one more key, sweeping it first if full
     /// (at most every [`FULL_SWEEP_EVERY`]).
     fn make_room(&self, maps: &mut Maps, now: Instant) -> Result<(), StateError> {
         if maps.keys() >= self.shard_capacity && now >= maps.last_sweep + FULL_SWEEP_EVERY {
-            self.swept(maps, now);
+            maps.sweep(now);
         }
         if maps.keys() >= self.shard_capacity {
             return Err(StateError::Full {
@@ -195,6 +178,15 @@ impl MemoryState {
         }
         Ok(())
     }
+}
+
+/// A shard's maps. A panic while holding the lock cannot leave them
+/// half-updated (every update is a single insert or remove), so poisoning is
+/// ignored.
+fn locked(shard: &Mutex<Maps>) -> MutexGuard<'_, Maps> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[async_trait]
@@ -231,13 +223,7 @@ impl ReplayGuard for MemoryState {
                 payload,
                 expires: now + self.pending_ttl,
             };
-            if maps
-                .replay
-                .insert(request_id.as_str().into(), entry)
-                .is_none()
-            {
-                self.held.inc();
-            }
+            maps.replay.insert(request_id.as_str().into(), entry);
         }
         Ok(claim)
     }
@@ -260,13 +246,7 @@ impl ReplayGuard for MemoryState {
             response: maps.shared(response),
             expires: now + self.replay_ttl,
         };
-        if maps
-            .replay
-            .insert(request_id.as_str().into(), entry)
-            .is_none()
-        {
-            self.held.inc();
-        }
+        maps.replay.insert(request_id.as_str().into(), entry);
         Ok(())
     }
 
@@ -279,7 +259,6 @@ impl ReplayGuard for MemoryState {
         );
         if ours {
             maps.replay.remove(request_id.as_str());
-            self.held.dec();
         }
         Ok(())
     }
@@ -296,7 +275,6 @@ impl RateLimiter for MemoryState {
         let mut maps = self.lock(key, now);
         if !maps.windows.contains_key(key) {
             self.make_room(&mut maps, now)?;
-            self.held.inc();
         }
         let slot = maps.windows.entry(key.into()).or_insert(Window {
             count: 0,
@@ -453,8 +431,11 @@ mod tests {
             assert!(kept.len() <= 2 * SHARDS, "never refused a key");
         };
         assert!(matches!(refused.1, StateError::Full { max_keys } if max_keys == 2 * SHARDS));
-        let held: usize = s.shards.iter().map(|m| m.lock().unwrap().keys()).sum();
-        assert_eq!(held, kept.len(), "the refused id left nothing behind");
+        assert_eq!(
+            s.keys_held(),
+            kept.len(),
+            "the refused id left nothing behind"
+        );
         for request_id in &kept {
             assert_eq!(
                 s.claim(request_id, "f").await.unwrap(),
@@ -525,15 +506,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_held_keys_gauge_follows_claims_releases_windows_and_sweeps() {
+    async fn keys_held_follows_claims_releases_windows_and_sweeps() {
         let s = MemoryState::new(Duration::from_secs(600), Duration::from_secs(30), 100_000);
-        let held = s.held_keys();
-        let in_shards = || -> i64 {
-            s.shards
-                .iter()
-                .map(|m| m.lock().unwrap().keys() as i64)
-                .sum()
-        };
         for i in 0..40 {
             let request_id = id(&format!("req-{i}"));
             s.claim(&request_id, "f").await.unwrap();
@@ -547,8 +521,7 @@ mod tests {
         s.hit("sms:p1", Duration::from_secs(60)).await.unwrap();
         s.hit("sms:p1", Duration::from_secs(60)).await.unwrap();
         // 10 released, then claimed again by the replay; 10 abandoned; 20 done.
-        assert_eq!(held.get(), 41);
-        assert_eq!(held.get(), in_shards());
+        assert_eq!(s.keys_held(), 41);
 
         // Past the pending TTL and the window, the next access to each shard
         // sweeps it (3,000 ids reach all 64): the abandoned claims, the
@@ -557,8 +530,7 @@ mod tests {
         for i in 0..3000 {
             s.claim(&id(&format!("later-{i}")), "f").await.unwrap();
         }
-        assert_eq!(held.get(), in_shards());
-        assert_eq!(held.get(), 20 + 3000);
+        assert_eq!(s.keys_held(), 20 + 3000);
     }
 
     #[tokio::test]
