@@ -50,19 +50,27 @@ pub struct Link {
 
 /// Links for `events` appended in order after `head` (`""` at genesis).
 pub fn link(head: &str, events: &[NewEvent]) -> Vec<Link> {
-    let mut prev = head.to_owned();
-    events
+    let mut links: Vec<Link> = events
         .iter()
-        .map(|event| {
-            let payload = canonical::to_string(&event.payload);
-            let hash = hash_with_payload(event, &payload, &prev);
-            Link {
-                payload,
-                prev_hash: std::mem::replace(&mut prev, hash.clone()),
-                hash,
-            }
+        .map(|event| Link {
+            payload: canonical::to_string(&event.payload),
+            prev_hash: String::new(),
+            hash: String::new(),
         })
-        .collect()
+        .collect();
+    rechain(&mut links, head, events);
+    links
+}
+
+/// Chains `links`, made by [`link`] for the same `events`, after another
+/// `head`: only the hashes depend on it, so the payloads are not rendered
+/// again (a writer whose head another writer moved).
+pub fn rechain(links: &mut [Link], head: &str, events: &[NewEvent]) {
+    let mut prev = head.to_owned();
+    for (link, event) in links.iter_mut().zip(events) {
+        link.hash = hash_with_payload(event, &link.payload, &prev);
+        link.prev_hash = std::mem::replace(&mut prev, link.hash.clone());
+    }
 }
 
 /// The first place where the chain does not hold.
@@ -190,6 +198,16 @@ mod tests {
             event_hash(&e, "prev"),
             hex::encode(Sha256::digest(concat.as_bytes()))
         );
+    }
+
+    #[test]
+    fn rechained_links_are_the_links_from_the_new_head() {
+        let events: Vec<NewEvent> = (1..=3).map(event).collect();
+        let mut links = link("", &events);
+        rechain(&mut links, "moved", &events);
+        assert_eq!(links, link("moved", &events));
+        assert_eq!(links[0].prev_hash, "moved");
+        assert_eq!(links[2].hash, event_hash(&events[2], &links[1].hash));
     }
 
     #[test]

@@ -196,25 +196,28 @@ impl PostgresAuditLog {
             Some(conn) => conn,
             None => appender.conn.insert(self.connect_direct().await?),
         };
+        // An unknown head is guessed as genesis: a wrong guess costs one
+        // round trip and returns the real head.
+        let mut expected = appender.head.take().unwrap_or_default();
+        let mut links = chain::link(&expected, events);
         if self.one_round_trip {
             for _ in 0..OPTIMISTIC_ATTEMPTS {
-                // An unknown head is guessed as genesis: a wrong guess costs
-                // one round trip and returns the real head.
-                let expected = appender.head.take().unwrap_or_default();
-                let links = chain::link(&expected, events);
                 match Self::append_if_head(conn, &expected, events, &links).await {
                     Ok(Attempt::Appended(receipts)) => {
                         appender.head = receipts.last().map(|r| r.hash.clone());
                         return Ok(receipts);
                     }
-                    Ok(Attempt::HeadMoved(head)) => appender.head = Some(head),
+                    Ok(Attempt::HeadMoved(head)) => {
+                        chain::rechain(&mut links, &head, events);
+                        expected = head;
+                    }
                     Err(error) => return Err(self.error(error)),
                 }
             }
         }
         let mut tx = conn.begin().await.map_err(|e| self.error(e))?;
         // On error the transaction is dropped, which rolls it back.
-        let receipts = Self::append_in_tx(&mut tx, events)
+        let receipts = Self::append_in_tx(&mut tx, events, links)
             .await
             .map_err(|e| self.error(e))?;
         // A failed COMMIT is reported as a failure even though the outcome is
@@ -285,9 +288,13 @@ impl PostgresAuditLog {
             .map_err(|e| self.error(e))
     }
 
+    /// The same append as separate statements under the writers' lock,
+    /// re-chaining `links` (already rendered for `events`) from the head
+    /// read under it.
     async fn append_in_tx(
         conn: &mut sqlx::PgConnection,
         events: &[NewEvent],
+        mut links: Vec<chain::Link>,
     ) -> Result<Vec<AppendReceipt>, sqlx::Error> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(WRITERS_LOCK)
@@ -297,7 +304,7 @@ impl PostgresAuditLog {
             sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1")
                 .fetch_optional(&mut *conn)
                 .await?;
-        let links = chain::link(head.as_deref().unwrap_or(""), events);
+        chain::rechain(&mut links, head.as_deref().unwrap_or(""), events);
         let mut insert: QueryBuilder<Postgres> = QueryBuilder::new(
             "INSERT INTO audit_events (request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash) ",
         );
