@@ -1,5 +1,6 @@
 //! Command line: `serve` (the default), `migrate`, `audit verify`,
-//! `audit digest`.
+//! `audit digest`, `healthcheck` (the container's probe) and `dev-token`
+//! (a quickstart JWT).
 //!
 //! Exit codes follow the guide §8 for the audit commands: 0 valid, 1 broken
 //! chain, 2 connectivity or configuration error. `serve` exits 2 on bad
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::audit::EventFilter;
 use crate::audit::digest::{digest, walk, yesterday};
 use crate::config::{AuditBackend, Redactor, Settings};
+use crate::domain::Role;
 use crate::startup::{Application, migrate_audit_log, open_audit_log, shutdown_signal};
 
 #[derive(Debug, Parser)]
@@ -38,6 +40,33 @@ enum Command {
         #[command(subcommand)]
         action: AuditCommand,
     },
+    /// Probe GET /health on CASF_HTTP_ADDR; exit 0 when healthy, 1 otherwise.
+    /// For container HEALTHCHECKs and exec probes: the image has no curl.
+    Healthcheck {
+        /// Ask gRPC health on CASF_GRPC_ADDR instead (SERVING when ready).
+        #[arg(long)]
+        grpc: bool,
+    },
+    /// Print a JWT signed with the public dev key (envoy/dev/jwks.json) that
+    /// only the dev Envoy configs trust. For the quickstart; never in production.
+    DevToken {
+        /// The `casf_role` claim.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The `casf_tenant_id` claim.
+        #[arg(long)]
+        tenant: String,
+        /// The `sub` claim.
+        #[arg(long, default_value = "dev-user")]
+        subject: String,
+        /// Lifetime of the token.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
+}
+
+fn parse_role(raw: &str) -> Result<Role, String> {
+    Role::parse(raw).map_err(|error| error.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +86,27 @@ const EXIT_UNREACHABLE: u8 = 2;
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => with_settings(serve),
+        Command::Migrate => with_settings(migrate),
+        Command::Audit { action } => with_settings(|settings| audit(settings, action)),
+        // These two need no backend settings, and a probe must not exit 2.
+        Command::Healthcheck { grpc } => healthcheck(grpc),
+        Command::DevToken {
+            role,
+            tenant,
+            subject,
+            ttl_seconds,
+        } => dev_token(role, &tenant, &subject, ttl_seconds),
+    }
+}
+
+/// Runs a command that needs the settings, on a multi-threaded runtime.
+fn with_settings<F, Fut>(command: F) -> ExitCode
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,10 +125,49 @@ pub fn run() -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => runtime.block_on(serve(settings)),
-        Command::Migrate => runtime.block_on(migrate(settings)),
-        Command::Audit { action } => runtime.block_on(audit(settings, action)),
+    runtime.block_on(command(settings))
+}
+
+fn healthcheck(grpc: bool) -> ExitCode {
+    let outcome = match Settings::from_env() {
+        Err(error) => Err(error.to_string()),
+        Ok(settings) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) if grpc => {
+                runtime.block_on(crate::healthcheck::probe_grpc(settings.grpc_addr))
+            }
+            Ok(runtime) => runtime.block_on(crate::healthcheck::probe(settings.http_addr)),
+            Err(error) => Err(format!("cannot start the async runtime: {error}")),
+        },
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("casf-verifier: unhealthy: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dev_token(role: Role, tenant: &str, subject: &str, ttl_seconds: u64) -> ExitCode {
+    let claims = crate::dev_token::DevClaims {
+        subject,
+        role,
+        tenant,
+        ttl_seconds,
+        now: chrono::Utc::now().timestamp(),
+    };
+    match crate::dev_token::mint(&claims) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("casf-verifier: {error}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
     }
 }
 
