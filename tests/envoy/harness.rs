@@ -377,10 +377,17 @@ impl Envoy {
             .replace("@JWKS@", &idp.jwks())
             .replace("@GRPC_PORT@", &grpc_port.to_string())
             .replace("@UPSTREAM_PORT@", &upstream_port.to_string());
+        Envoy::run(&config, dir, access_log).await
+    }
+
+    /// Runs Envoy on `config` from the repository root (so relative paths
+    /// in shipped configs resolve), and waits until its first listener is up.
+    pub async fn run(config: &str, dir: tempfile::TempDir, access_log: PathBuf) -> Envoy {
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
         let admin_path = dir.path().join("admin-address");
         let child = Command::new(envoy_bin())
+            .current_dir(repo())
             .arg("-c")
             .arg(&config_path)
             .args([

@@ -6,5 +6,6 @@
 mod configs;
 mod e2e;
 mod harness;
+mod quickstart;
 #[path = "../support/upstream.rs"]
 mod upstream;
