@@ -38,8 +38,21 @@ fn envoy_validates_every_envoy_config_in_the_repo() {
         configs.contains(&repo().join("envoy/envoy.yaml")),
         "the front proxy config was not found: {configs:?}"
     );
+    let compose_dir = repo().join("deploy/compose");
     for config in &configs {
+        // A compose variant names paths inside its container: validate it
+        // with those mapped back to the files the compose file mounts there.
+        let text = std::fs::read_to_string(config).unwrap();
+        let text = if config.starts_with(&compose_dir) {
+            mounted_from_repo(&text, "envoy")
+        } else {
+            text
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let resolved = dir.path().join("envoy.yaml");
+        std::fs::write(&resolved, text).unwrap();
         let output = Command::new(&envoy)
+            .current_dir(repo())
             .args([
                 "--mode",
                 "validate",
@@ -48,7 +61,7 @@ fn envoy_validates_every_envoy_config_in_the_repo() {
                 "error",
                 "-c",
             ])
-            .arg(config)
+            .arg(&resolved)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -68,7 +81,10 @@ fn yaml(path: &str) -> Value {
 
 #[test]
 fn istio_sends_the_custom_action_to_the_grpc_door_failing_closed() {
-    let policy = yaml("envoy/istio/authorization-policy.yaml");
+    let policy = yaml_documents("deploy/kubernetes/istio/authorization-policy.yaml")
+        .into_iter()
+        .find(|d| d["spec"]["action"] == "CUSTOM")
+        .expect("a CUSTOM AuthorizationPolicy");
     assert_eq!(policy["kind"].as_str(), Some("AuthorizationPolicy"));
     assert_eq!(policy["spec"]["action"].as_str(), Some("CUSTOM"));
     let provider_name = policy["spec"]["provider"]["name"].as_str().unwrap();
@@ -132,7 +148,9 @@ fn the_kubernetes_sidecar_uses_the_guide_probes_and_documented_variables() {
         .find(|c| c["name"] == "casf-verifier")
         .unwrap();
     assert_eq!(verifier["livenessProbe"]["httpGet"]["path"], "/health");
-    assert_eq!(verifier["readinessProbe"]["httpGet"]["path"], "/healthz");
+    // Readiness gates the whole pod: /healthz would take the tool service's
+    // reads out of its Service during a Redis or OPA outage.
+    assert_eq!(verifier["readinessProbe"]["httpGet"]["path"], "/health");
     assert_eq!(verifier["readinessProbe"]["httpGet"]["port"], 8000);
 
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
@@ -165,4 +183,292 @@ fn the_kubernetes_sidecar_uses_the_guide_probes_and_documented_variables() {
     // The gRPC door stays on loopback: only Envoy's listener is a Service port.
     let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
     assert_eq!(service["spec"]["ports"][0]["targetPort"], 10000);
+}
+
+/// `text` with every container path that the compose service `service`
+/// mounts replaced by the repository file mounted there.
+fn mounted_from_repo(text: &str, service: &str) -> String {
+    let compose = yaml("deploy/compose/docker-compose.yml");
+    let mut text = text.to_owned();
+    for (host, container) in bind_mounts(&compose["services"][service]) {
+        text = text.replace(&container, &host.display().to_string());
+    }
+    text
+}
+
+/// The bind mounts of a compose service: (absolute host path, container path).
+fn bind_mounts(service: &Value) -> Vec<(PathBuf, String)> {
+    let compose_dir = repo().join("deploy/compose");
+    service["volumes"]
+        .as_sequence()
+        .map(|volumes| volumes.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|volume| {
+            let spec = volume.as_str().expect("short volume syntax");
+            let mut parts = spec.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            // Named volumes have no path.
+            (source.starts_with('.') || source.starts_with('/'))
+                .then(|| (compose_dir.join(source), target.to_owned()))
+        })
+        .collect()
+}
+
+/// What each image of the compose stack can run as a healthcheck. This
+/// sandbox cannot pull images, so third-party images are described from
+/// their published Dockerfiles; the verifier's own image is built and its
+/// HEALTHCHECK run by `scripts/image.sh smoke`.
+const HEALTHCHECK_TOOLS: &[(&str, &str)] = &[
+    ("docker.io/library/postgres:", "pg_isready"),
+    ("docker.io/library/redis:", "redis-cli"),
+    // The -debug variants carry busybox; the plain image has only `opa`.
+    ("docker.io/openpolicyagent/opa:", "wget"),
+    ("docker.io/library/python:", "python3"),
+    ("docker.io/envoyproxy/envoy:", "bash"),
+    ("docker.io/prom/prometheus:", "wget"),
+    ("docker.io/grafana/grafana-oss:", "wget"),
+    ("casf-verifier:", "casf-verifier"),
+];
+
+#[test]
+fn the_compose_stack_is_the_guides_with_healthchecks_that_can_run() {
+    let compose = yaml("deploy/compose/docker-compose.yml");
+    let services = compose["services"].as_mapping().unwrap();
+    let names: Vec<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
+    for wanted in [
+        "postgres",
+        "redis",
+        "opa",
+        "migrate",
+        "verifier",
+        "envoy",
+        "tools",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(names.contains(&wanted), "no {wanted} service: {names:?}");
+    }
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let image = service["image"].as_str().unwrap();
+        for (host, _) in bind_mounts(service) {
+            assert!(
+                host.exists(),
+                "{name} mounts {} which does not exist",
+                host.display()
+            );
+        }
+        if name == "migrate" {
+            assert_eq!(service["restart"], "no", "migrate is one-shot");
+            continue;
+        }
+        let test: Vec<&str> = service["healthcheck"]["test"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name} has no healthcheck"))
+            .iter()
+            .map(|part| part.as_str().unwrap())
+            .collect();
+        assert_eq!(test[0], "CMD", "{name}: exec form, no shell assumed");
+        let (_, tool) = HEALTHCHECK_TOOLS
+            .iter()
+            .find(|(prefix, _)| image.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{name}: unknown image {image}"));
+        assert_eq!(test[1], *tool, "{name}: {image} cannot run {}", test[1]);
+        if image.starts_with("docker.io/openpolicyagent/opa:") {
+            assert!(
+                image.ends_with("-debug"),
+                "only OPA's -debug image has wget"
+            );
+        }
+        // Every dependency is awaited healthy (or, for migrate, completed).
+        if let Some(deps) = service["depends_on"].as_mapping() {
+            for (dep, condition) in deps {
+                let wanted = if dep == "migrate" {
+                    "service_completed_successfully"
+                } else {
+                    "service_healthy"
+                };
+                assert_eq!(condition["condition"], wanted, "{name} → {dep:?}");
+            }
+        }
+    }
+    // The guide's port: host 8088 → container 8000. Backends stay unpublished.
+    assert_eq!(compose["services"]["verifier"]["ports"][0], "8088:8000");
+    for internal in ["postgres", "redis", "opa", "migrate"] {
+        assert!(
+            compose["services"][internal]["ports"].is_null(),
+            "{internal} must not be published"
+        );
+    }
+    // The verifier waits for the schema and for every backend it uses.
+    let verifier_deps = compose["services"]["verifier"]["depends_on"]
+        .as_mapping()
+        .unwrap();
+    for dep in ["migrate", "redis", "opa"] {
+        assert!(
+            verifier_deps.contains_key(dep),
+            "verifier does not wait for {dep}"
+        );
+    }
+    // The JWKS Envoy trusts in compose is the one `dev-token` signs with.
+    let mounts = bind_mounts(&compose["services"]["envoy"]);
+    let jwks = mounts
+        .iter()
+        .find(|(_, target)| target.ends_with("jwks.json"))
+        .expect("the dev JWKS is mounted into envoy");
+    assert_eq!(
+        std::fs::canonicalize(&jwks.0).unwrap(),
+        repo().join("envoy/dev/jwks.json")
+    );
+}
+
+#[test]
+fn every_envoy_front_proxy_sets_the_mode_header_itself() {
+    let routes = yaml("envoy/routes.yaml");
+    let header = routes["mode"]["header"].as_str().unwrap_or("x-casf-mode");
+    for path in [
+        "envoy/envoy.yaml",
+        "envoy/envoy-dev.yaml",
+        "deploy/compose/envoy.yaml",
+        "deploy/kubernetes/files/envoy.yaml",
+    ] {
+        let config = yaml(path);
+        let filters = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["http_filters"]
+            .as_sequence()
+            .unwrap();
+        let position = |name: &str| filters.iter().position(|f| f["name"] == name);
+        let mutation = position("envoy.filters.http.header_mutation")
+            .unwrap_or_else(|| panic!("{path}: no header_mutation filter"));
+        let ext_authz = position("envoy.filters.http.ext_authz").unwrap();
+        assert!(
+            mutation < ext_authz,
+            "{path}: the mode must be set before the check"
+        );
+        let set = &filters[mutation]["typed_config"]["mutations"]["request_mutations"][0]["append"];
+        assert_eq!(set["header"]["key"], header, "{path}");
+        assert_eq!(set["append_action"], "OVERWRITE_IF_EXISTS_OR_ADD", "{path}");
+    }
+    // The Istio variant does the same in the tool service's sidecar.
+    let filter = yaml("deploy/kubernetes/istio/mode-header.yaml");
+    let patch = &filter["spec"]["configPatches"][0];
+    assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
+    assert_eq!(
+        patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+        "envoy.filters.http.ext_authz"
+    );
+    let set =
+        &patch["patch"]["value"]["typed_config"]["mutations"]["request_mutations"][0]["append"];
+    assert_eq!(set["header"]["key"], header);
+}
+
+#[test]
+fn kustomize_copies_are_the_repositorys_own_files() {
+    for (copy, original) in [
+        ("deploy/kubernetes/files/envoy.yaml", "envoy/envoy.yaml"),
+        ("deploy/kubernetes/files/routes.yaml", "envoy/routes.yaml"),
+        ("deploy/kubernetes/files/casf.rego", "policies/casf.rego"),
+        (
+            "deploy/kubernetes/istio/files/casf.rego",
+            "policies/casf.rego",
+        ),
+    ] {
+        let read = |p: &str| std::fs::read_to_string(repo().join(p)).unwrap();
+        assert!(
+            read(copy) == read(original),
+            "{copy} differs from {original}: cp {original} {copy}"
+        );
+    }
+    // The Istio route map differs in one place: the mesh sets the identity
+    // headers from verified claims, so they are trusted there.
+    let mut istio = yaml("deploy/kubernetes/istio/files/routes.yaml");
+    assert_eq!(istio["identity"]["headers"]["trusted"], true);
+    istio["identity"]["headers"]["trusted"] = Value::Bool(false);
+    assert_eq!(istio, yaml("envoy/routes.yaml"));
+}
+
+#[test]
+fn istio_resources_agree_with_the_shipped_deployment_and_service() {
+    let dir = "deploy/kubernetes/istio";
+    let docs: Vec<Value> = ["verifier.yaml", "clinic-tools.yaml"]
+        .iter()
+        .flat_map(|f| yaml_documents(&format!("{dir}/{f}")))
+        .collect();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    // The provider points at the shipped Service, on its gRPC port.
+    let mesh = yaml("envoy/istio/mesh-config.yaml");
+    let provider = &mesh["meshConfig"]["extensionProviders"][0]["envoyExtAuthzGrpc"];
+    let service = find("Service", "casf-verifier");
+    assert_eq!(
+        provider["service"].as_str().unwrap(),
+        format!(
+            "casf-verifier.{}.svc.cluster.local",
+            service["metadata"]["namespace"].as_str().unwrap()
+        )
+    );
+    assert!(
+        service["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == provider["port"]),
+        "the Service does not expose the provider's port"
+    );
+    let verifier = find("Deployment", "casf-verifier");
+    assert_eq!(
+        verifier["spec"]["template"]["metadata"]["labels"]["app"],
+        service["spec"]["selector"]["app"]
+    );
+    let container = &verifier["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
+
+    // Every policy, authentication and filter selects the tool service's
+    // pods, in their namespace.
+    let tools = find("Deployment", "clinic-tools");
+    let namespace = &tools["metadata"]["namespace"];
+    let labels = &tools["spec"]["template"]["metadata"]["labels"];
+    for file in [
+        "authorization-policy.yaml",
+        "request-authentication.yaml",
+        "mode-header.yaml",
+    ] {
+        for doc in yaml_documents(&format!("{dir}/{file}")) {
+            assert_eq!(&doc["metadata"]["namespace"], namespace, "{file}");
+            let selector = if doc["kind"] == "EnvoyFilter" {
+                &doc["spec"]["workloadSelector"]["labels"]
+            } else {
+                &doc["spec"]["selector"]["matchLabels"]
+            };
+            for (key, value) in selector.as_mapping().unwrap() {
+                assert_eq!(&labels[key], value, "{file} selects {key:?}={value:?}");
+            }
+        }
+    }
+    // The claims the mesh copies into headers are the route map's.
+    let routes = yaml(&format!("{dir}/files/routes.yaml"));
+    let auth = yaml(&format!("{dir}/request-authentication.yaml"));
+    let copied: Vec<(&str, &str)> = auth["spec"]["jwtRules"][0]["outputClaimToHeaders"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| (m["claim"].as_str().unwrap(), m["header"].as_str().unwrap()))
+        .collect();
+    let identity = &routes["identity"];
+    for (claim, header) in [
+        (&identity["jwt"]["role_claim"], &identity["headers"]["role"]),
+        (
+            &identity["jwt"]["tenant_claim"],
+            &identity["headers"]["tenant_id"],
+        ),
+    ] {
+        assert!(
+            copied.contains(&(claim.as_str().unwrap(), header.as_str().unwrap())),
+            "{claim:?} is not copied to {header:?}: {copied:?}"
+        );
+    }
 }
