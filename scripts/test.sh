@@ -2,7 +2,7 @@
 # The one test command: on a fresh machine with only the Rust toolchain it
 # installs and starts the test services (PostgreSQL, Redis, OPA-compatible
 # server, and Envoy for the tests to run; see scripts/services.sh), then runs
-# fmt, clippy and all tests.
+# fmt, clippy, the observability checks and all tests.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +17,10 @@ export CASF_TEST_PG_DSN CASF_TEST_REDIS_URL CASF_TEST_OPA_URL \
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+# Shipped alerts and dashboard: promtool, and every metric they use present
+# in a live scrape of the release binary (bench.sh reuses this build).
+cargo build --release --locked --bin casf-verifier
+scripts/check_observability.sh
 # Benchmarks in smoke mode: every row must run and produce numbers; no timing is asserted.
 scripts/bench.sh --smoke
 

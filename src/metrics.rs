@@ -111,8 +111,11 @@ struct RejectionLabels {
 }
 
 /// `casf_state_keys`, counted when scraped rather than kept up to date on
-/// every claim.
-struct StateKeys(Box<dyn Fn() -> usize + Send + Sync>);
+/// every claim, and `casf_state_max_keys`, the bound it is held to.
+struct StateKeys {
+    max_keys: usize,
+    count: Box<dyn Fn() -> usize + Send + Sync>,
+}
 
 impl std::fmt::Debug for StateKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,14 +125,22 @@ impl std::fmt::Debug for StateKeys {
 
 impl Collector for StateKeys {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let keys = ConstGauge::new(i64::try_from((self.0)()).unwrap_or(i64::MAX));
+        let keys = ConstGauge::new(i64::try_from((self.count)()).unwrap_or(i64::MAX));
         let metric = encoder.encode_descriptor(
             "casf_state_keys",
             "Keys held by the in-process anti-replay and rate-limit state",
             None,
             keys.metric_type(),
         )?;
-        keys.encode(metric)
+        keys.encode(metric)?;
+        let max_keys = ConstGauge::new(i64::try_from(self.max_keys).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "casf_state_max_keys",
+            "Most keys the in-process state holds (CASF_STATE_MAX_KEYS)",
+            None,
+            max_keys.metric_type(),
+        )?;
+        max_keys.encode(metric)
     }
 }
 
@@ -144,6 +155,7 @@ pub struct Metrics {
     opa_errors: Family<KindLabels, Counter>,
     replay_hits: Counter,
     replay_mismatches: Counter,
+    sms_limited: Counter,
     door_decisions: Family<DoorLabels, Counter>,
     audit_failures: Family<KindLabels, Counter>,
     door_rejections: Family<RejectionLabels, Counter>,
@@ -167,6 +179,7 @@ impl Metrics {
             opa_errors: Family::default(),
             replay_hits: Counter::default(),
             replay_mismatches: Counter::default(),
+            sms_limited: Counter::default(),
             door_decisions: Family::default(),
             audit_failures: Family::default(),
             door_rejections: Family::default(),
@@ -212,6 +225,11 @@ impl Metrics {
             "casf_replay_mismatch",
             "Reused request_id with a different payload",
             m.replay_mismatches.clone(),
+        );
+        registry.register(
+            "casf_sms_limited",
+            "SMS sends denied by the per-patient burst limit",
+            m.sms_limited.clone(),
         );
         registry.register(
             "casf_door_decision",
@@ -274,13 +292,19 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Exposes `casf_state_keys`: how many keys the in-process state holds,
-    /// against its `CASF_STATE_MAX_KEYS` bound, read from `count` at each
-    /// scrape. Registered only when that state is in use; Redis reports its
-    /// own memory.
-    pub fn track_state_keys(&mut self, count: impl Fn() -> usize + Send + Sync + 'static) {
-        self.registry
-            .register_collector(Box::new(StateKeys(Box::new(count))));
+    /// Exposes `casf_state_keys`, how many keys the in-process state holds
+    /// (read from `count` at each scrape), and `casf_state_max_keys`, its
+    /// `CASF_STATE_MAX_KEYS` bound. Registered only when that state is in
+    /// use; Redis reports its own memory.
+    pub fn track_state_keys(
+        &mut self,
+        max_keys: usize,
+        count: impl Fn() -> usize + Send + Sync + 'static,
+    ) {
+        self.registry.register_collector(Box::new(StateKeys {
+            max_keys,
+            count: Box::new(count),
+        }));
     }
 
     /// Marks one decision as started; the gauge drops when the guard does.
@@ -324,6 +348,12 @@ impl Metrics {
 
     pub fn replay_mismatch(&self) {
         self.replay_mismatches.inc();
+    }
+
+    /// One `twilio.send_sms` denied with `Inv_NoSmsBurst` by the limit
+    /// itself (not when the limiter failed: that is a fail-closed).
+    pub fn sms_limited(&self) {
+        self.sms_limited.inc();
     }
 
     pub fn audit_failed(&self, kind: &'static str) {
@@ -376,6 +406,26 @@ mod tests {
             "casf_opa_error_total{kind=\"bad_response\"} 0",
             "casf_replay_hit_total 0",
             "casf_replay_mismatch_total 0",
+            "casf_sms_limited_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn state_keys_come_with_their_bound() {
+        let mut m = Metrics::new();
+        assert!(!m.encode().contains("casf_state_max_keys"));
+        m.track_state_keys(5000, || 42);
+        let text = m.encode();
+        for line in [
+            "# TYPE casf_state_keys gauge",
+            "casf_state_keys 42",
+            "# TYPE casf_state_max_keys gauge",
+            "casf_state_max_keys 5000",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

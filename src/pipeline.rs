@@ -187,7 +187,10 @@ impl Pipeline {
         if request.tool == Tool::SendSms && findings.violations.is_empty() {
             let key = format!("sms:{}", request.patient_id().unwrap_or_default());
             match self.limiter.hit(&key, self.sms_limit.window).await {
-                Ok(count) if count > self.sms_limit.max => findings.push(violation::NO_SMS_BURST),
+                Ok(count) if count > self.sms_limit.max => {
+                    self.metrics.sms_limited();
+                    findings.push(violation::NO_SMS_BURST)
+                }
                 Ok(_) => {}
                 Err(error) => {
                     tracing::error!(%error, "SMS rate limit unavailable: send fails closed");

@@ -174,7 +174,7 @@ impl Application {
         };
         let mut metrics = Metrics::new();
         if let Some(state) = memory {
-            metrics.track_state_keys(move || state.keys_held());
+            metrics.track_state_keys(state.max_keys(), move || state.keys_held());
         }
         let metrics = Arc::new(metrics);
         let pipeline = Pipeline::new(

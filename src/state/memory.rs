@@ -160,6 +160,11 @@ impl MemoryState {
         maps
     }
 
+    /// The configured bound, `CASF_STATE_MAX_KEYS` (`casf_state_max_keys`).
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
     /// Keys held in all shards (`casf_state_keys`), counted when asked.
     pub fn keys_held(&self) -> usize {
         self.shards.iter().map(|shard| locked(shard).keys()).sum()

@@ -159,6 +159,7 @@ async fn second_sms_to_a_patient_within_the_hour_is_denied() {
     assert_eq!(denied["decision"], "DENY");
     assert_eq!(violations(&denied), ["Inv_NoSmsBurst"]);
     assert_eq!(app.decide(&other_patient).await["decision"], "ALLOW");
+    assert_eq!(app.metric("casf_sms_limited_total").await, 1.0);
 }
 
 #[tokio::test]
@@ -267,6 +268,7 @@ async fn a_full_in_process_state_fails_writes_closed_and_lets_reads_through() {
     // 64 keys: one per shard, so a shard fills within 65 fresh ids.
     let mut app = spawn_app_with(&[("CASF_STATE_MAX_KEYS", "64")]).await;
     const FAIL_CLOSED_REDIS: &str = "casf_fail_closed_total{trigger=\"redis\"}";
+    assert_eq!(app.metric("casf_state_max_keys").await, 64.0);
     let before = app.metric(FAIL_CLOSED_REDIS).await;
     let mut refused = None;
     for _ in 0..=64 {
