@@ -2,7 +2,8 @@
 # The one test command: on a fresh machine with only the Rust toolchain it
 # installs and starts the test services (PostgreSQL, Redis, OPA-compatible
 # server, and Envoy for the tests to run; see scripts/services.sh), then runs
-# fmt, clippy, the observability checks and all tests.
+# fmt, clippy, the observability and deployment checks, the container image
+# smoke test (scripts/image.sh) and all tests.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +22,11 @@ cargo clippy --all-targets -- -D warnings
 # in a live scrape of the release binary (bench.sh reuses this build).
 cargo build --release --locked --bin casf-verifier
 scripts/check_observability.sh
+# Deployment files, each checked by the tool that consumes it (compose schema,
+# kubectl kustomize, Kubernetes schemas), then the image built from the
+# Dockerfile and smoke-tested from outside the running container.
+scripts/check_deploy.sh
+scripts/image.sh smoke
 # Benchmarks in smoke mode: every row must run and produce numbers; no timing is asserted.
 scripts/bench.sh --smoke
 
