@@ -113,7 +113,11 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
     );
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
     let allowed = ["decision", "trigger", "kind", "door", "reason", "le"];
-    for sample in text.lines().filter(|l| !l.starts_with('#')) {
+    // casf_build_info's two labels have one value per binary.
+    for sample in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("casf_build_info{"))
+    {
         let Some(labels) = sample
             .split_once('{')
             .map(|(_, rest)| rest.split('}').next().unwrap_or_default())
@@ -179,4 +183,52 @@ fn startup_names_the_backends_and_sigterm_stops_cleanly() {
         .unwrap();
     assert!(status.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_json_errors() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/x").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"detail": "not found: /x"})
+    );
+    let response = app
+        .client
+        .get(format!("{}/verify", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"detail": "method not allowed"})
+    );
+}
+
+#[tokio::test]
+async fn verify_rejections_are_counted_by_reason() {
+    let app = spawn_app().await;
+    let series =
+        |reason: &str| format!("casf_door_rejected_total{{door=\"http\",reason=\"{reason}\"}}");
+    let (_, before) = app.get("/metrics").await;
+    let mut invalid = request("twilio.send_sms", "ALLOW");
+    invalid["tool"] = json!("nope");
+    assert_eq!(app.verify(&invalid).await.0, 422);
+    let mut no_patient = request("twilio.send_sms", "ALLOW");
+    no_patient["subject"] = json!({});
+    assert_eq!(app.verify(&no_patient).await.0, 400);
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(70 * 1024));
+    assert_eq!(app.post_raw(big).await.status(), 413);
+    app.decide(&request("twilio.send_sms", "ALLOW")).await;
+    let (_, after) = app.get("/metrics").await;
+    let delta = |reason: &str| {
+        metric_value(&after, &series(reason)) - metric_value(&before, &series(reason))
+    };
+    assert_eq!(delta("unprocessable"), 1.0);
+    assert_eq!(delta("bad_request"), 1.0);
+    assert_eq!(delta("too_large"), 1.0);
+    assert_eq!(delta("unsupported_media_type"), 0.0);
 }
