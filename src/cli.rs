@@ -1,20 +1,24 @@
-//! Command line: `serve` (the default), `migrate`, `audit verify`,
-//! `audit digest`, `healthcheck` (the container's probe) and `dev-token`
-//! (a quickstart JWT).
+//! Command line: `serve` (the default), `check` (configuration, policy and
+//! route map, for users' CI), `migrate`, `audit verify`, `audit digest`,
+//! `healthcheck` (the container's probe) and `dev-token` (a quickstart JWT).
+//!
+//! Every configuration variable is also a global flag ([`ConfigArgs`]), so
+//! `--help` lists them all with their defaults.
 //!
 //! Exit codes follow the guide §8 for the audit commands: 0 valid, 1 broken
 //! chain, 2 connectivity or configuration error. `serve` exits 2 on bad
-//! configuration and 1 if it fails after starting; `migrate` exits 0 once the
-//! schema is in place and 2 if it cannot be.
+//! configuration and 1 if it fails after starting; `check` exits 0 or 2;
+//! `migrate` exits 0 once the schema is in place and 2 if it cannot be.
+//! A refusal is printed once, on stderr.
 
 use std::process::ExitCode;
 
 use chrono::NaiveDate;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::audit::EventFilter;
 use crate::audit::digest::{digest, walk, yesterday};
-use crate::config::{AuditBackend, Redactor, Settings};
+use crate::config::{AuditBackend, ConfigArgs, PolicyBackend, Redactor, Settings};
 use crate::domain::Role;
 use crate::startup::{Application, migrate_audit_log, open_audit_log, shutdown_signal};
 
@@ -27,12 +31,17 @@ use crate::startup::{Application, migrate_audit_log, open_audit_log, shutdown_si
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve /verify and the operator endpoints (the default).
     Serve,
+    /// Check the configuration, compile the policy and load the route map,
+    /// then exit 0, or 2 with the reason. Contacts no backend.
+    Check,
     /// Create the audit schema if missing (PostgreSQL: sql/init.sql); idempotent.
     Migrate,
     /// Check or summarise the audit hash chain.
@@ -84,14 +93,15 @@ const EXIT_BROKEN: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 2;
 
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
-    crate::telemetry::init();
+    let cli = parse();
+    let config = cli.config;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => with_settings(serve),
-        Command::Migrate => with_settings(migrate),
-        Command::Audit { action } => with_settings(|settings| audit(settings, action)),
-        // These two need no backend settings, and a probe must not exit 2.
-        Command::Healthcheck { grpc } => healthcheck(grpc),
+        Command::Serve => with_settings(&config, serve),
+        Command::Check => check(&config),
+        Command::Migrate => with_settings(&config, migrate),
+        Command::Audit { action } => with_settings(&config, |settings| audit(settings, action)),
+        // These two need no backends, and a probe must not exit 2.
+        Command::Healthcheck { grpc } => healthcheck(&config, grpc),
         Command::DevToken {
             role,
             tenant,
@@ -101,35 +111,126 @@ pub fn run() -> ExitCode {
     }
 }
 
-/// Runs a command that needs the settings, on a multi-threaded runtime.
-fn with_settings<F, Fut>(command: F) -> ExitCode
+/// Parses the command line, with the help epilogue on every command that
+/// reads the configuration.
+fn parse() -> Cli {
+    let epilogue = crate::config::help_epilogue();
+    let mut command = Cli::command().after_help(epilogue.clone());
+    for name in ["serve", "check", "migrate", "audit", "healthcheck"] {
+        command = command.mut_subcommand(name, |sub| sub.after_help(epilogue.clone()));
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
+/// Prints a refusal once: as a log event when logging is on (so it reaches a
+/// JSON log pipeline as JSON), else as a plain line on stderr.
+fn refuse(what: &str, error: &str) -> ExitCode {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{what}: {error}");
+    } else {
+        eprintln!("casf-verifier: {what}: {error}");
+    }
+    ExitCode::from(EXIT_UNREACHABLE)
+}
+
+/// Runs a command that needs the settings, with logging set up from them,
+/// on a multi-threaded runtime.
+fn with_settings<F, Fut>(config: &ConfigArgs, command: F) -> ExitCode
 where
     F: FnOnce(Settings) -> Fut,
     Fut: Future<Output = ExitCode>,
 {
+    // Before logging is set up (its format is a setting): a plain line.
+    let settings = match Settings::from_args(config) {
+        Ok(settings) => settings,
+        Err(error) => return refuse("refusing to start", &error.to_string()),
+    };
+    crate::telemetry::init(settings.log_format, settings.decision_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
+            eprintln!("casf-verifier: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
-        }
-    };
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings,
-        Err(error) => {
-            tracing::error!("refusing to start: {error}");
-            eprintln!("casf-verifier: {error}");
-            return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
     runtime.block_on(command(settings))
 }
 
-fn healthcheck(grpc: bool) -> ExitCode {
-    let outcome = match Settings::from_env() {
+/// A line on stdout; a closed pipe (`check | head`) is not worth a panic.
+fn say(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// `casf-verifier check`: what `serve` would refuse on, short of the
+/// backends and the listeners, each line on stdout naming what was checked.
+fn check(config: &ConfigArgs) -> ExitCode {
+    let failed = |error: String| {
+        eprintln!("casf-verifier: check failed: {error}");
+        ExitCode::from(EXIT_UNREACHABLE)
+    };
+    let settings = match Settings::from_args(config) {
+        Ok(settings) => settings,
+        Err(error) => return failed(error.to_string()),
+    };
+    let redactor = Redactor::new(settings.secrets());
+    say(format!(
+        "configuration: ok: {}",
+        settings.describe_backends()
+    ));
+    match &settings.policy {
+        PolicyBackend::Embedded { dir } => {
+            match crate::policy::embedded::EmbeddedPolicy::load(dir) {
+                Err(error) => return failed(format!("policy: {error}")),
+                Ok(policy) => {
+                    let results = policy.run_tests();
+                    let failures: Vec<String> = results
+                        .iter()
+                        .filter(|test| !test.passed)
+                        .map(|test| match &test.error {
+                            Some(error) => format!("{} ({error})", test.name),
+                            None => test.name.clone(),
+                        })
+                        .collect();
+                    if !failures.is_empty() {
+                        return failed(format!(
+                            "policy: Rego tests failed in {}: {}",
+                            crate::config::shown_path(dir),
+                            failures.join(", ")
+                        ));
+                    }
+                    say(format!(
+                        "policy: ok: {} compiled by the embedded engine ({} evaluator), {} Rego tests passed",
+                        crate::config::shown_path(dir),
+                        policy.evaluator(),
+                        results.len()
+                    ));
+                }
+            }
+        }
+        PolicyBackend::Opa { url } => {
+            if let Err(error) = crate::policy::opa::OpaPolicy::new(url) {
+                return failed(redactor.redact(&format!("policy: {error}")));
+            }
+            say(format!(
+                "policy: ok: OPA at {} (configuration only; OPA compiles its own policy)",
+                crate::config::redact_url(url)
+            ));
+        }
+    }
+    match crate::startup::load_routes(&settings.routes) {
+        Ok((_, summary)) => say(format!("routes: ok: {summary}")),
+        Err(error) => return failed(error.to_string()),
+    }
+    ExitCode::SUCCESS
+}
+
+fn healthcheck(config: &ConfigArgs, grpc: bool) -> ExitCode {
+    let outcome = match Settings::from_args(config) {
         Err(error) => Err(error.to_string()),
         Ok(settings) => match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -177,9 +278,7 @@ async fn serve(settings: Settings) -> ExitCode {
         Ok(app) => app,
         Err(error) => {
             let error = Redactor::new(settings.secrets()).redact(&error.to_string());
-            tracing::error!("refusing to start: {error}");
-            eprintln!("casf-verifier: {error}");
-            return ExitCode::from(EXIT_UNREACHABLE);
+            return refuse("refusing to start", &error);
         }
     };
     match (app.http_addr(), app.grpc_addr()) {

@@ -2,12 +2,17 @@
 //! `CASF_*` extensions). A variable that is unset selects the embedded
 //! backend; one that is set but invalid refuses to start, naming the variable.
 //! Values that may hold secrets are never echoed back in errors.
+//!
+//! [`VARIABLES`] is the one list of variables: `--help` is built from it
+//! (through clap's `env` support, see [`ConfigArgs`]), and a test holds the
+//! README's Configuration table to it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::state::DEFAULT_PENDING_TTL;
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid {var}: {reason}")]
@@ -23,8 +28,241 @@ fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// One environment variable the verifier reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    /// The same setting as a command-line flag (it wins over the variable).
+    pub flag: &'static str,
+    /// What applies when it is unset, as shown in `--help`.
+    pub default: &'static str,
+    pub meaning: &'static str,
+    /// May carry a password: `--help` never shows its value.
+    pub secret: bool,
+}
+
+const fn var(
+    name: &'static str,
+    flag: &'static str,
+    default: &'static str,
+    meaning: &'static str,
+) -> Variable {
+    Variable {
+        name,
+        flag,
+        default,
+        meaning,
+        secret: false,
+    }
+}
+
+const fn secret(variable: Variable) -> Variable {
+    Variable {
+        secret: true,
+        ..variable
+    }
+}
+
+/// Every variable [`Settings`] reads, in the README's order.
+pub const VARIABLES: &[Variable] = &[
+    secret(var(
+        "PG_DSN",
+        "pg-dsn",
+        "unset: SQLite audit",
+        "PostgreSQL audit trail: a postgres:// URL or libpq key=value pairs",
+    )),
+    secret(var(
+        "REDIS_URL",
+        "redis-url",
+        "unset: in-process state",
+        "redis://[:password@]host:port/db for anti-replay and the SMS limit",
+    )),
+    secret(var(
+        "OPA_URL",
+        "opa-url",
+        "unset: embedded regorus",
+        "OPA base URL (http://); one POST /v1/data/casf per decision",
+    )),
+    var(
+        "ANTI_REPLAY_ENABLED",
+        "anti-replay-enabled",
+        "true",
+        "true/1/yes or false/0/no",
+    ),
+    var(
+        "ANTI_REPLAY_TTL_SECONDS",
+        "anti-replay-ttl-seconds",
+        "86400",
+        "how long a decision is replayed",
+    ),
+    var(
+        "CASF_DISABLE_AUDIT",
+        "disable-audit",
+        "false",
+        "1 skips audit writes (tests only, never in production)",
+    ),
+    var(
+        "CASF_HTTP_ADDR",
+        "http-addr",
+        "0.0.0.0:8000",
+        "HTTP listener",
+    ),
+    var(
+        "CASF_GRPC_ADDR",
+        "grpc-addr",
+        "0.0.0.0:9191",
+        "gRPC listener: ext_authz, health, reflection",
+    ),
+    var(
+        "CASF_ROUTES",
+        "routes",
+        "envoy/routes.yaml",
+        "ext_authz route map; the default file may be missing (every Check is then unmapped)",
+    ),
+    var(
+        "CASF_POLICY_DIR",
+        "policy-dir",
+        "policies",
+        "directory of .rego files for the embedded engine",
+    ),
+    var(
+        "CASF_AUDIT_SQLITE",
+        "audit-sqlite",
+        "data/casf-audit.db",
+        "SQLite audit file when PG_DSN is unset",
+    ),
+    var(
+        "CASF_REPLAY_PENDING_TTL_SECONDS",
+        "replay-pending-ttl-seconds",
+        "30",
+        "lifetime of an in-progress anti-replay claim",
+    ),
+    var(
+        "CASF_STATE_MAX_KEYS",
+        "state-max-keys",
+        "2000000",
+        "most keys the in-process state holds when REDIS_URL is unset",
+    ),
+    var(
+        "CASF_LOG_FORMAT",
+        "log-format",
+        "text",
+        "log lines on stderr: text or json (one JSON object a line)",
+    ),
+    var(
+        "CASF_DECISION_LOG",
+        "decision-log",
+        "false",
+        "true logs one line per decision (door, tool, role, decision, violations, latency, audit hash; never args or subject)",
+    ),
+];
+
+/// Variables read by libraries rather than by [`Settings`]; `--help` lists
+/// them too.
+pub const LIBRARY_VARIABLES: &[Variable] = &[
+    var(
+        "RUST_LOG",
+        "",
+        "info",
+        "log filter (tracing-subscriber EnvFilter syntax)",
+    ),
+    var(
+        "MIMALLOC_PURGE_DELAY",
+        "",
+        "10",
+        "ms before the allocator returns freed memory; 100 recommended for sidecars",
+    ),
+    var(
+        "MIMALLOC_ARENA_EAGER_COMMIT",
+        "",
+        "2",
+        "0 (recommended) commits the allocator's arenas on demand",
+    ),
+];
+
+/// The raw values of [`VARIABLES`], from flags or the environment, as clap
+/// collected them; [`Settings::from_args`] is their one typed parse.
+#[derive(Clone, Default)]
+pub struct ConfigArgs {
+    values: std::collections::BTreeMap<&'static str, String>,
+}
+
+impl ConfigArgs {
+    /// Raw values by variable name, for tests.
+    pub fn from_pairs(pairs: &[(&'static str, &str)]) -> Self {
+        ConfigArgs {
+            values: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+        }
+    }
+
+    fn get(&self, var: &str) -> Option<String> {
+        self.values.get(var).cloned()
+    }
+}
+
+/// Names only: a value may be a secret.
+impl std::fmt::Debug for ConfigArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.values.keys()).finish()
+    }
+}
+
+impl clap::FromArgMatches for ConfigArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = ConfigArgs::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for variable in VARIABLES {
+            if let Some(value) = matches.get_one::<String>(variable.name) {
+                self.values.insert(variable.name, value.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for ConfigArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        VARIABLES.iter().fold(cmd, |cmd, variable| {
+            cmd.arg(
+                clap::Arg::new(variable.name)
+                    .long(variable.flag)
+                    .env(variable.name)
+                    .hide_env_values(variable.secret)
+                    .global(true)
+                    .help_heading("Configuration (environment variable or flag)")
+                    .help(format!(
+                        "{} [default: {}]",
+                        variable.meaning, variable.default
+                    )),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// The `--help` epilogue: variables that are not settings, and a warning
+/// about secrets on a command line.
+pub fn help_epilogue() -> String {
+    let also: Vec<String> = LIBRARY_VARIABLES
+        .iter()
+        .map(|v| format!("  {}  {} [default: {}]", v.name, v.meaning, v.default))
+        .collect();
+    format!(
+        "Also read from the environment:\n{}\n\nPass secrets (PG_DSN, REDIS_URL, OPA_URL) in the \
+         environment, not as flags: a command line is visible to other users of the host.",
+        also.join("\n")
+    )
+}
+
 /// Where policy is evaluated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum PolicyBackend {
     /// `regorus`, loading every `.rego` in the directory.
     Embedded { dir: PathBuf },
@@ -33,7 +271,7 @@ pub enum PolicyBackend {
 }
 
 /// Where anti-replay and rate-limit state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StateBackend {
     /// In-process, holding at most `max_keys` keys (`CASF_STATE_MAX_KEYS`).
     Memory {
@@ -45,10 +283,53 @@ pub enum StateBackend {
 }
 
 /// Where the audit trail is written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum AuditBackend {
     Sqlite { path: PathBuf },
     Postgres { dsn: String },
+}
+
+// Debug by hand for the three backends: their URLs and DSN may hold a
+// password, and Debug output ends up in logs and panics.
+impl std::fmt::Debug for PolicyBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyBackend::Embedded { dir } => {
+                f.debug_struct("Embedded").field("dir", dir).finish()
+            }
+            PolicyBackend::Opa { url } => f
+                .debug_struct("Opa")
+                .field("url", &redact_url(url))
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for StateBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateBackend::Memory { max_keys } => f
+                .debug_struct("Memory")
+                .field("max_keys", max_keys)
+                .finish(),
+            StateBackend::Redis { url } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditBackend::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
+            AuditBackend::Postgres { dsn } => f
+                .debug_struct("Postgres")
+                .field("dsn", &Redactor::new(secrets_of_dsn(dsn)).redact(dsn))
+                .finish(),
+        }
+    }
 }
 
 /// The ext_authz route map (`CASF_ROUTES`).
@@ -75,6 +356,10 @@ pub struct Settings {
     pub anti_replay_ttl: Duration,
     /// Lifetime of a claim whose decision was never stored.
     pub pending_ttl: Duration,
+    /// `CASF_LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// `CASF_DECISION_LOG`: one log line per decision.
+    pub decision_log: bool,
 }
 
 impl Settings {
@@ -82,9 +367,18 @@ impl Settings {
         Self::from_lookup(|var| std::env::var(var).ok())
     }
 
+    /// The settings from what clap collected (flags, then the environment).
+    pub fn from_args(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| args.get(var))
+    }
+
     /// Reads settings through `lookup`, so tests need not touch the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |var: &'static str| -> Result<Option<String>, ConfigError> {
+            debug_assert!(
+                VARIABLES.iter().any(|v| v.name == var),
+                "{var} is missing from VARIABLES (and so from --help)"
+            );
             match lookup(var) {
                 Some(value) if value.trim().is_empty() => Err(invalid(
                     var,
@@ -173,6 +467,16 @@ impl Settings {
                 get("CASF_REPLAY_PENDING_TTL_SECONDS")?,
                 DEFAULT_PENDING_TTL,
             )?,
+            log_format: match get("CASF_LOG_FORMAT")? {
+                None => LogFormat::Text,
+                Some(raw) => LogFormat::parse(&raw).ok_or_else(|| {
+                    invalid(
+                        "CASF_LOG_FORMAT",
+                        format!("expected text or json, got {raw:?}"),
+                    )
+                })?,
+            },
+            decision_log: parse_bool("CASF_DECISION_LOG", get("CASF_DECISION_LOG")?, false)?,
         })
     }
 
@@ -309,6 +613,18 @@ fn percent_decode(text: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// A path as configured, plus the absolute path it resolved to when it was
+/// relative, so an error says where the process really looked.
+pub fn shown_path(path: &std::path::Path) -> String {
+    if path.is_absolute() {
+        return path.display().to_string();
+    }
+    match std::path::absolute(path) {
+        Ok(absolute) => format!("{} ({})", path.display(), absolute.display()),
+        Err(_) => path.display().to_string(),
+    }
 }
 
 /// `url` with any password replaced by `***`.
@@ -476,5 +792,71 @@ mod tests {
         let err = settings(&[("PG_DSN", "host=pg password=hunter2 nonsense=hunter2")]).unwrap_err();
         assert_eq!(err.var, "PG_DSN");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn log_settings_default_off_and_refuse_unknown_formats() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert!(!s.decision_log);
+        let s = settings(&[("CASF_LOG_FORMAT", "json"), ("CASF_DECISION_LOG", "true")]).unwrap();
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.decision_log);
+        let err = settings(&[("CASF_LOG_FORMAT", "logfmt")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid CASF_LOG_FORMAT: expected text or json, got \"logfmt\""
+        );
+        assert_eq!(
+            settings(&[("CASF_DECISION_LOG", "sometimes")])
+                .unwrap_err()
+                .var,
+            "CASF_DECISION_LOG"
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let s = settings(&[
+            ("PG_DSN", "postgres://casf:S3cret@pg/casf"),
+            ("REDIS_URL", "redis://:r3dis@redis:6379/0"),
+            ("OPA_URL", "http://u:0pa@opa:8181/"),
+        ])
+        .unwrap();
+        let debug = format!("{s:?}");
+        for secret in ["S3cret", "r3dis", "0pa"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        let args = ConfigArgs::from_pairs(&[("PG_DSN", "postgres://casf:S3cret@pg/casf")]);
+        assert!(!format!("{args:?}").contains("S3cret"));
+        assert!(
+            Settings::from_args(&args)
+                .unwrap()
+                .secrets()
+                .contains(&"S3cret".to_owned())
+        );
+    }
+
+    #[test]
+    fn every_variable_is_a_flag_read_from_the_environment() {
+        use clap::{Args, FromArgMatches};
+        let command = ConfigArgs::augment_args(clap::Command::new("t"));
+        let matches = command
+            .try_get_matches_from(["t", "--http-addr", "127.0.0.1:1", "--log-format", "json"])
+            .unwrap();
+        let args = ConfigArgs::from_arg_matches(&matches).unwrap();
+        let s = Settings::from_args(&args).unwrap();
+        assert_eq!(s.http_addr, SocketAddr::from(([127, 0, 0, 1], 1)));
+        assert_eq!(s.log_format, LogFormat::Json);
+        let names: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len());
+        assert!(VARIABLES.iter().filter(|v| v.secret).map(|v| v.name).eq([
+            "PG_DSN",
+            "REDIS_URL",
+            "OPA_URL"
+        ]));
     }
 }

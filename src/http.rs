@@ -7,16 +7,18 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::domain::VerifyRequest;
 use crate::health::{Health, Readiness};
-use crate::metrics::Door;
+use crate::metrics::{Door, DoorRejection};
 use crate::pipeline::Pipeline;
 
 /// Largest accepted `/verify` body.
@@ -33,7 +35,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        // After the routes: it applies to those registered before it.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outermost, so it sees every /verify answer, body limits included.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_verify_rejections,
+        ))
         .with_state(state)
 }
 
@@ -96,4 +106,35 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.pipeline.metrics().encode(),
     )
         .into_response()
+}
+
+/// Errors are JSON on every path, unknown ones included.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({"detail": format!("not found: {}", uri.path())}),
+    )
+}
+
+/// axum adds the `Allow` header to this answer.
+async fn method_not_allowed() -> Response {
+    json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({"detail": "method not allowed"}),
+    )
+}
+
+/// Counts `/verify` calls answered without a decision (400, 413, 415, 422),
+/// as the Envoy door counts its own, without the handler knowing.
+async fn count_verify_rejections(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let is_verify = request.uri().path() == "/verify";
+    let response = next.run(request).await;
+    if is_verify && let Some(reason) = DoorRejection::from_http_status(response.status().as_u16()) {
+        state.pipeline.metrics().door_rejected(Door::Http, reason);
+    }
+    response
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
@@ -63,19 +63,47 @@ impl Door {
 /// Why a door answered without a pipeline decision (so without an audit row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DoorRejection {
-    /// Not a valid tool call: 400.
+    /// Not a valid tool call: 400 (ext_authz: every invalid call).
     BadRequest,
-    /// No route maps the call: denied with `Route_Unmapped`.
+    /// No route maps the call: denied with `Route_Unmapped` (ext_authz).
     Unmapped,
+    /// `/verify` body over the limit: 413.
+    TooLarge,
+    /// `/verify` body not declared as JSON: 415.
+    UnsupportedMediaType,
+    /// `/verify` body that fails the schema: 422.
+    Unprocessable,
 }
 
 impl DoorRejection {
-    pub const ALL: [DoorRejection; 2] = [DoorRejection::BadRequest, DoorRejection::Unmapped];
+    /// The reasons each door can give, pre-created at zero.
+    pub const EXT_AUTHZ: [DoorRejection; 2] = [DoorRejection::BadRequest, DoorRejection::Unmapped];
+    pub const HTTP: [DoorRejection; 4] = [
+        DoorRejection::BadRequest,
+        DoorRejection::TooLarge,
+        DoorRejection::UnsupportedMediaType,
+        DoorRejection::Unprocessable,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DoorRejection::BadRequest => "bad_request",
             DoorRejection::Unmapped => "unmapped",
+            DoorRejection::TooLarge => "too_large",
+            DoorRejection::UnsupportedMediaType => "unsupported_media_type",
+            DoorRejection::Unprocessable => "unprocessable",
+        }
+    }
+
+    /// The reason for a `/verify` answer with this status; `None` for the
+    /// statuses that are not rejections of the call.
+    pub fn from_http_status(status: u16) -> Option<Self> {
+        match status {
+            400 => Some(DoorRejection::BadRequest),
+            413 => Some(DoorRejection::TooLarge),
+            415 => Some(DoorRejection::UnsupportedMediaType),
+            422 => Some(DoorRejection::Unprocessable),
+            _ => None,
         }
     }
 }
@@ -108,6 +136,158 @@ struct DoorLabels {
 struct RejectionLabels {
     door: &'static str,
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// `git rev-parse --short HEAD` at build time, `CASF_BUILD_COMMIT` when
+    /// the build sets it, or `unknown` (build.rs).
+    commit: &'static str,
+}
+
+/// The standard `process_*` metrics of Prometheus clients, read from
+/// `/proc/self` at each scrape (prometheus-client has no such collector).
+/// Off Linux, or when `/proc` is unreadable, it exposes nothing.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `/proc/self` says about this process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: i64,
+    virtual_bytes: i64,
+    start_time_seconds: f64,
+    open_fds: Option<i64>,
+    max_fds: Option<i64>,
+}
+
+impl ProcessStats {
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let mut stats = Self::parse(&stat, &boot, clock_ticks()?, page_size()?)?;
+        stats.open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|dir| i64::try_from(dir.count()).unwrap_or(i64::MAX));
+        stats.max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|limits| max_open_files(&limits));
+        Some(stats)
+    }
+
+    /// From `/proc/self/stat` and the `btime` line of `/proc/stat`.
+    fn parse(stat: &str, proc_stat: &str, ticks: f64, page: i64) -> Option<Self> {
+        // The command name may hold spaces and parentheses: fields start
+        // after its last ')'. `fields[0]` is field 3 of proc(5), `state`.
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        let boot_time: u64 = proc_stat
+            .lines()
+            .find_map(|line| line.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let rss_pages = i64::try_from(field(24)?).ok()?;
+        Some(ProcessStats {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            resident_bytes: rss_pages.saturating_mul(page),
+            virtual_bytes: i64::try_from(field(23)?).ok()?,
+            start_time_seconds: boot_time as f64 + field(22)? as f64 / ticks,
+            open_fds: None,
+            max_fds: None,
+        })
+    }
+}
+
+/// The soft limit on the `Max open files` line of `/proc/self/limits`.
+fn max_open_files(limits: &str) -> Option<i64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .strip_prefix("Max open files")?
+        .split_whitespace()
+        .next()?;
+    match soft {
+        "unlimited" => Some(i64::MAX),
+        n => n.parse().ok(),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn clock_ticks() -> Option<f64> {
+    // SAFETY: sysconf only reads a constant of the running system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then_some(ticks as f64)
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> Option<i64> {
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then_some(page as i64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn clock_ticks() -> Option<f64> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn page_size() -> Option<i64> {
+    None
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(stats.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                Some(stats.resident_bytes),
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                Some(stats.virtual_bytes),
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                stats.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                stats.max_fds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let Some(value) = value else { continue };
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let start = ConstGauge::new(stats.start_time_seconds);
+        start.encode(encoder.encode_descriptor(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            None,
+            start.metric_type(),
+        )?)
+    }
 }
 
 /// `casf_state_keys`, counted when scraped rather than kept up to date on
@@ -159,6 +339,7 @@ pub struct Metrics {
     door_decisions: Family<DoorLabels, Counter>,
     audit_failures: Family<KindLabels, Counter>,
     door_rejections: Family<RejectionLabels, Counter>,
+    build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -183,6 +364,7 @@ impl Metrics {
             door_decisions: Family::default(),
             audit_failures: Family::default(),
             door_rejections: Family::default(),
+            build_info: Family::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -244,7 +426,7 @@ impl Metrics {
 
         registry.register(
             "casf_door_rejected",
-            "Calls a door answered without a decision (bad request, unmapped route)",
+            "Calls a door answered without a decision, by door and reason",
             m.door_rejections.clone(),
         );
 
@@ -279,16 +461,30 @@ impl Metrics {
                 .get_or_create(&KindLabels { kind })
                 .inc_by(0);
         }
-        // Only the ext_authz door rejects on its own; /verify's 4xx are
-        // plain HTTP errors.
-        for reason in DoorRejection::ALL {
+        let reasons = DoorRejection::EXT_AUTHZ
+            .map(|reason| (Door::ExtAuthz, reason))
+            .into_iter()
+            .chain(DoorRejection::HTTP.map(|reason| (Door::Http, reason)));
+        for (door, reason) in reasons {
             m.door_rejections
                 .get_or_create(&RejectionLabels {
-                    door: Door::ExtAuthz.as_str(),
+                    door: door.as_str(),
                     reason: reason.as_str(),
                 })
                 .inc_by(0);
         }
+        registry.register(
+            "casf_build_info",
+            "The running build: crate version and git commit (always 1)",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("CASF_BUILD_COMMIT"),
+            })
+            .set(1);
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
 
@@ -441,5 +637,113 @@ mod tests {
         assert!(m.encode().contains("casf_verify_in_flight 1"));
         drop(guard);
         assert!(m.encode().contains("casf_verify_in_flight 0"));
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_a_commit() {
+        let text = Metrics::new().encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("casf_build_info{"))
+            .unwrap_or_else(|| panic!("no casf_build_info in\n{text}"));
+        assert!(
+            line.starts_with(&format!(
+                "casf_build_info{{version=\"{}\",commit=\"",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{line}"
+        );
+        assert!(line.ends_with("\"} 1"), "{line}");
+        assert!(!env!("CASF_BUILD_COMMIT").is_empty());
+    }
+
+    #[test]
+    fn process_stats_parse_proc_fields() {
+        // A command name with a space and a parenthesis, as proc(5) allows.
+        let stat = "4242 (casf (v) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 \
+                    250 150 0 0 20 0 9 0 5000 123456789 3000 18446744073709551615";
+        let proc_stat = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
+        let stats = ProcessStats::parse(stat, proc_stat, 100.0, 4096).unwrap();
+        assert_eq!(stats.cpu_seconds, 4.0);
+        assert_eq!(stats.resident_bytes, 3000 * 4096);
+        assert_eq!(stats.virtual_bytes, 123_456_789);
+        assert_eq!(stats.start_time_seconds, 1_700_000_050.0);
+        assert!(ProcessStats::parse("garbage", proc_stat, 100.0, 4096).is_none());
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 524288               files\n";
+        assert_eq!(max_open_files(limits), Some(1024));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_read_on_each_scrape() {
+        let text = Metrics::new().encode();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+            let value: f64 = value.parse().unwrap();
+            assert!(value >= 0.0, "{name} {value}");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_start_time_seconds "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
+    }
+
+    #[test]
+    fn verify_rejections_are_counted_by_status() {
+        assert_eq!(
+            DoorRejection::from_http_status(400),
+            Some(DoorRejection::BadRequest)
+        );
+        assert_eq!(
+            DoorRejection::from_http_status(413),
+            Some(DoorRejection::TooLarge)
+        );
+        assert_eq!(
+            DoorRejection::from_http_status(415),
+            Some(DoorRejection::UnsupportedMediaType)
+        );
+        assert_eq!(
+            DoorRejection::from_http_status(422),
+            Some(DoorRejection::Unprocessable)
+        );
+        for status in [200, 404, 405, 500, 503] {
+            assert_eq!(DoorRejection::from_http_status(status), None);
+        }
+        let m = Metrics::new();
+        let before = m.encode();
+        for reason in DoorRejection::HTTP {
+            let zero = format!(
+                "casf_door_rejected_total{{door=\"http\",reason=\"{}\"}} 0",
+                reason.as_str()
+            );
+            assert!(before.lines().any(|l| l == zero), "missing {zero}");
+        }
+        m.door_rejected(Door::Http, DoorRejection::Unprocessable);
+        assert!(
+            m.encode()
+                .lines()
+                .any(|l| l == "casf_door_rejected_total{door=\"http\",reason=\"unprocessable\"} 1")
+        );
     }
 }

@@ -125,7 +125,7 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
 
 /// Loads the ext_authz route map. Only the default path may be missing: then
 /// the door runs with no routes, denying every Check as unmapped.
-fn load_routes(file: &RoutesFile) -> Result<(RouteMap, String), StartupError> {
+pub(crate) fn load_routes(file: &RoutesFile) -> Result<(RouteMap, String), StartupError> {
     let shown = file.path.display();
     match RouteMap::load(&file.path) {
         Ok(map) => {
@@ -136,6 +136,11 @@ fn load_routes(file: &RoutesFile) -> Result<(RouteMap, String), StartupError> {
             tracing::warn!(path = %shown, "no route map (CASF_ROUTES unset and the default file is missing): every ext_authz Check is denied as unmapped");
             Ok((RouteMap::empty(), format!("none ({shown} not found)")))
         }
+        Err(RouteMapError::Unreadable { reason, .. }) => Err(RouteMapError::Unreadable {
+            path: crate::config::shown_path(&file.path),
+            reason,
+        }
+        .into()),
         Err(error) => Err(error.into()),
     }
 }

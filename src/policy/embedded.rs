@@ -35,7 +35,10 @@ const TEST_PREFIX: &str = "test_";
 /// Why the policy directory (or the given sources) could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyLoadError {
-    #[error("cannot read policy directory {}: {source}", dir.display())]
+    #[error(
+        "cannot read policy directory {}: {source}",
+        crate::config::shown_path(dir)
+    )]
     ReadDir {
         dir: PathBuf,
         #[source]

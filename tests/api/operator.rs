@@ -113,7 +113,11 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
     );
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
     let allowed = ["decision", "trigger", "kind", "door", "reason", "le"];
-    for sample in text.lines().filter(|l| !l.starts_with('#')) {
+    // casf_build_info's two labels have one value per binary.
+    for sample in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("casf_build_info{"))
+    {
         let Some(labels) = sample
             .split_once('{')
             .map(|(_, rest)| rest.split('}').next().unwrap_or_default())
@@ -179,4 +183,209 @@ fn startup_names_the_backends_and_sigterm_stops_cleanly() {
         .unwrap();
     assert!(status.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_json_errors() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/x").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"detail": "not found: /x"})
+    );
+    let response = app
+        .client
+        .get(format!("{}/verify", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"detail": "method not allowed"})
+    );
+}
+
+#[tokio::test]
+async fn verify_rejections_are_counted_by_reason() {
+    let app = spawn_app().await;
+    let series =
+        |reason: &str| format!("casf_door_rejected_total{{door=\"http\",reason=\"{reason}\"}}");
+    let (_, before) = app.get("/metrics").await;
+    let mut invalid = request("twilio.send_sms", "ALLOW");
+    invalid["tool"] = json!("nope");
+    assert_eq!(app.verify(&invalid).await.0, 422);
+    let mut no_patient = request("twilio.send_sms", "ALLOW");
+    no_patient["subject"] = json!({});
+    assert_eq!(app.verify(&no_patient).await.0, 400);
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(70 * 1024));
+    assert_eq!(app.post_raw(big).await.status(), 413);
+    app.decide(&request("twilio.send_sms", "ALLOW")).await;
+    let (_, after) = app.get("/metrics").await;
+    let delta = |reason: &str| {
+        metric_value(&after, &series(reason)) - metric_value(&before, &series(reason))
+    };
+    assert_eq!(delta("unprocessable"), 1.0);
+    assert_eq!(delta("bad_request"), 1.0);
+    assert_eq!(delta("too_large"), 1.0);
+    assert_eq!(delta("unsupported_media_type"), 0.0);
+}
+
+/// The variables of the README's Configuration table.
+fn readme_variables() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Configuration section");
+    let vars: Vec<String> = section
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    assert!(vars.len() >= 15, "{vars:?}");
+    vars
+}
+
+#[test]
+fn serve_help_lists_every_variable_and_no_secret() {
+    let output = binary()
+        .args(["serve", "--help"])
+        .env("PG_DSN", "postgres://casf:HelpS3cret@127.0.0.1/casf")
+        .env("REDIS_URL", "redis://:HelpR3dis@127.0.0.1:6379/0")
+        .env("OPA_URL", "http://u:HelpOp4@127.0.0.1:8181")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&output.stdout);
+    for var in readme_variables() {
+        assert!(
+            help.contains(&var),
+            "{var} missing from serve --help:\n{help}"
+        );
+    }
+    for secret in ["HelpS3cret", "HelpR3dis", "HelpOp4"] {
+        assert!(!help.contains(secret), "{secret} shown:\n{help}");
+    }
+    assert!(help.contains("[default: 0.0.0.0:8000]"), "{help}");
+}
+
+fn check(envs: &[(&str, &std::path::Path)]) -> (Option<i32>, String, String) {
+    let mut command = binary();
+    command.current_dir(env!("CARGO_MANIFEST_DIR")).arg("check");
+    for (var, value) in envs {
+        command.env(var, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_passes_the_shipped_configuration() {
+    let (code, stdout, stderr) = check(&[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("configuration: ok"), "{stdout}");
+    assert!(stdout.contains("policy: ok: policies ("), "{stdout}");
+    assert!(stdout.contains("Rego tests passed"), "{stdout}");
+    assert!(
+        stdout.contains("routes: ok: envoy/routes.yaml (6 routes)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_refuses_broken_policy_routes_and_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("broken.rego"), "package casf\nallow if {\n").unwrap();
+    let (code, _, stderr) = check(&[("CASF_POLICY_DIR", &policies)]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("broken.rego"), "{stderr}");
+
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        "routes: [{method: GET, path: /x, tool: no.such_tool}]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&[("CASF_ROUTES", &routes)]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("routes.yaml"), "{stderr}");
+
+    let (code, _, stderr) = check(&[("ANTI_REPLAY_TTL_SECONDS", std::path::Path::new("0"))]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid ANTI_REPLAY_TTL_SECONDS"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_refusal_is_printed_once_with_the_absolute_path_it_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = binary()
+        .current_dir(dir.path())
+        .env("CASF_POLICY_DIR", "no-such-policies")
+        .env("CASF_AUDIT_SQLITE", dir.path().join("a.db"))
+        .env("CASF_HTTP_ADDR", "127.0.0.1:0")
+        .env("CASF_GRPC_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let absolute = dir.path().canonicalize().unwrap().join("no-such-policies");
+    assert_eq!(
+        stderr.matches("cannot read policy directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&absolute.display().to_string())
+            || stderr.contains(&dir.path().join("no-such-policies").display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_a_line_and_bad_formats_refuse_to_start() {
+    let output = binary().env("CASF_LOG_FORMAT", "xml").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("CASF_LOG_FORMAT").count(), 1, "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = binary()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CASF_LOG_FORMAT", "json")
+        .env("CASF_HTTP_ADDR", "127.0.0.1:0")
+        .env("CASF_GRPC_ADDR", "127.0.0.1:0")
+        .env("CASF_AUDIT_SQLITE", dir.path().join("a.db"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let ready = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .map(|line| serde_json::from_str::<Value>(&line).expect("a JSON log line"))
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("casf-verifier ready"))
+        })
+        .expect("a ready line");
+    assert_eq!(ready["level"], "INFO");
+    assert!(ready["http"].as_str().is_some(), "{ready}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
