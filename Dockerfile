@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # casf-verifier: the policy enforcement point as one small image.
 #
-#   docker build -t casf-verifier .
+#   docker build --build-arg CASF_BUILD_COMMIT=$(git rev-parse --short HEAD) -t casf-verifier .
 #   docker run --rm -p 8000:8000 -p 9191:9191 casf-verifier
 #
 # Two stages. The builder compiles the release binary with the pinned
@@ -16,6 +16,9 @@
 ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
 
 FROM ${RUST_IMAGE} AS builder
+# The commit in casf_build_info: .git is not in the build context, so pass it,
+# e.g. --build-arg CASF_BUILD_COMMIT=$(git rev-parse --short HEAD).
+ARG CASF_BUILD_COMMIT=unknown
 WORKDIR /src
 COPY . .
 # The cache mounts only speed up rebuilds; the result is the same without them.

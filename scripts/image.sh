@@ -128,7 +128,10 @@ cmd_build() {
   log "building $IMAGE from $REPO/Dockerfile"
   local started=$SECONDS
   # --format docker keeps HEALTHCHECK (OCI image configs have no such field).
+  local commit
+  commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
   bud bud --quiet --isolation chroot --pull-never --format docker \
+    --build-arg CASF_BUILD_COMMIT="$commit" \
     -f "$REPO/Dockerfile" -t "$IMAGE" "$REPO" >"$STATE/build.log" 2>&1 \
     || { tail -n 40 "$STATE/build.log" >&2; die "buildah bud failed"; }
   log "built $IMAGE in $((SECONDS - started)) s"
@@ -218,6 +221,9 @@ cmd_smoke() {
     "mode": "ALLOW", "role": "receptionist", "subject": {"patient_id": "pat-001"},
     "args": {"slot": "2026-12-01T09:00"}, "context": {"tenant_id": "clinic-a"}}')
   check "/verify allows a receptionist's booking ($body)" grep -q '"decision":"ALLOW"' <<<"$body"
+  body=$(curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics")
+  check "casf_build_info names the commit built ($(grep -o 'casf_build_info{[^}]*}' <<<"$body"))" \
+    grep -q "casf_build_info{.*commit=\"$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)\"" <<<"$body"
   body=$(curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz")
   check "/healthz is ready ($body)" grep -q '"status":"ok"' <<<"$body"
   check "gRPC health answers SERVING" env CASF_GRPC_ADDR="127.0.0.1:$GRPC_PORT" \
