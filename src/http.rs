@@ -68,7 +68,9 @@ async fn verify(
             return json_response(status, error.body());
         }
     };
-    let verdict = state.pipeline.decide(&request, Door::Http).await;
+    // The pipeline finishes the decision even if this handler is dropped
+    // because the client went away.
+    let verdict = state.pipeline.decide(request, Door::Http).await;
     (StatusCode::OK, axum::Json(verdict.response)).into_response()
 }
 

@@ -1,19 +1,30 @@
 //! The one place that decides. Every door hands a parsed [`VerifyRequest`]
 //! to [`Pipeline::decide`] and translates the [`Verdict`] back.
 //!
+//! A decision runs as a task of its own that owns the request, so that once
+//! started it is finished (audited, then stored or released for replays)
+//! whether or not its caller is still waiting: a client that disconnects
+//! mid-decision must not leave a claim pending, nor an audited ALLOW that a
+//! retry would decide again. A panic inside it becomes an audited fail-closed
+//! deny, on every door.
+//!
 //! Order: anti-replay gate, hard invariants, policy, SMS rate limit, audit
 //! append, then the decision is stored for replays. Violations are the union
 //! of the stages', deduplicated, in stage order. Writes fail closed when a
 //! dependency fails; reads go on without it.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AppendReceipt, NewEvent};
-use crate::domain::{Mode, Tool, VerifyRequest, VerifyResponse, violation};
+use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::policy::PolicyEngine;
 use crate::state::{Claim, RateLimiter, ReplayGuard};
@@ -83,6 +94,46 @@ impl Findings {
     }
 }
 
+/// How far a decision got, kept outside its future so that a panic inside
+/// it still leaves the claim and the audited answer known.
+#[derive(Default)]
+struct Progress {
+    fingerprint: String,
+    /// This decision holds the `request_id`'s claim.
+    claimed: bool,
+    /// The answer once appended to the audit trail, and whether it failed
+    /// closed.
+    audited: Option<(Verdict, bool)>,
+}
+
+/// The answer when the verifier itself could not decide.
+fn internal_error() -> VerifyResponse {
+    VerifyResponse::from_violations(
+        vec![
+            violation::FAIL_CLOSED.to_owned(),
+            violation::INTERNAL_ERROR.to_owned(),
+        ],
+        Vec::new(),
+    )
+}
+
+/// Turns a panic while polling the inner future into `Err(())`. The future
+/// is not polled again after that; only [`Progress`] is read.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}
+
 impl Pipeline {
     pub fn new(
         policy: Arc<dyn PolicyEngine>,
@@ -107,26 +158,78 @@ impl Pipeline {
     }
 
     /// Decides one tool call. Metrics are recorded here, once per call.
-    pub async fn decide(&self, request: &VerifyRequest, door: Door) -> Verdict {
+    ///
+    /// The decision runs in its own task, which owns `request`: dropping the
+    /// returned future (a client gone, Envoy's timeout) does not stop it.
+    pub async fn decide(self: &Arc<Self>, request: VerifyRequest, door: Door) -> Verdict {
         let started = Instant::now();
+        let pipeline = Arc::clone(self);
+        let task = tokio::spawn(async move { pipeline.decide_owned(request, door, started).await });
+        match task.await {
+            Ok(verdict) => verdict,
+            // Only reachable if the panic handling below panicked too, or the
+            // runtime is shutting down: still an explicit fail-closed deny.
+            Err(error) => {
+                tracing::error!(%error, "decision task failed: denied (fail closed)");
+                self.metrics.fail_closed(Trigger::Rules);
+                self.metrics
+                    .decided(door, Decision::Deny, started.elapsed());
+                Verdict {
+                    response: internal_error(),
+                    audit: None,
+                }
+            }
+        }
+    }
+
+    async fn decide_owned(&self, request: VerifyRequest, door: Door, started: Instant) -> Verdict {
         let _in_flight = self.metrics.in_flight();
-        let verdict = self.run(request).await;
+        let mut progress = Progress::default();
+        let outcome = CatchUnwind(Box::pin(self.run(&request, &mut progress))).await;
+        let verdict = match outcome {
+            Ok(verdict) => verdict,
+            Err(()) => self.after_panic(&request, progress).await,
+        };
         self.metrics
             .decided(door, verdict.response.decision, started.elapsed());
         verdict
     }
 
-    async fn run(&self, request: &VerifyRequest) -> Verdict {
+    /// A stage panicked. Before the audit append: the decision is a
+    /// fail-closed deny, audited, and the claim released so a retry is
+    /// decided afresh. After it: the audited answer stands and is stored (or
+    /// released) as usual, so it is neither lost nor decided twice.
+    async fn after_panic(&self, request: &VerifyRequest, progress: Progress) -> Verdict {
+        tracing::error!(request_id = %request.request_id, "panic while deciding: denied (fail closed)");
+        let (verdict, failed_closed) = match progress.audited {
+            Some(audited) => audited,
+            None => {
+                self.metrics.fail_closed(Trigger::Rules);
+                let input = request.policy_input();
+                let verdict = self
+                    .audited(request, input, request.tool.as_str(), internal_error())
+                    .await;
+                (verdict, true)
+            }
+        };
+        if progress.claimed {
+            self.store_or_release(request, &progress.fingerprint, &verdict, failed_closed)
+                .await;
+        }
+        verdict
+    }
+
+    async fn run(&self, request: &VerifyRequest, progress: &mut Progress) -> Verdict {
         // One policy input serves the fingerprint (guide §7) and the policy.
         let input = request.policy_input();
-        let fingerprint = crate::canonical::sha256_hex(&input);
+        let fingerprint = request.fingerprint_of(&input);
+        progress.fingerprint.clone_from(&fingerprint);
         let mut findings = Findings::default();
 
         // 1. Anti-replay gate.
-        let mut claimed = false;
         if let Some(guard) = &self.replay {
             match guard.claim(&request.request_id, &fingerprint).await {
-                Ok(Claim::Claimed) => claimed = true,
+                Ok(Claim::Claimed) => progress.claimed = true,
                 Ok(Claim::Cached(response)) => {
                     self.metrics.replay_hit();
                     return self.audited(request, input, REPLAY_ACTION, response).await;
@@ -208,19 +311,34 @@ impl Pipeline {
         let verdict = self
             .audited(request, input, request.tool.as_str(), response)
             .await;
-        if claimed && let Some(guard) = &self.replay {
-            let stored = if failed_closed {
-                guard.release(&request.request_id, &fingerprint).await
-            } else {
-                guard
-                    .complete(&request.request_id, &fingerprint, &verdict.response)
-                    .await
-            };
-            if let Err(error) = stored {
-                tracing::warn!(%error, "could not store the decision for replays; the claim will expire");
-            }
+        progress.audited = Some((verdict.clone(), failed_closed));
+        if progress.claimed {
+            self.store_or_release(request, &fingerprint, &verdict, failed_closed)
+                .await;
         }
         verdict
+    }
+
+    /// Step 6: remembers an audited answer for replays, or drops the claim
+    /// of a fail-closed one.
+    async fn store_or_release(
+        &self,
+        request: &VerifyRequest,
+        fingerprint: &str,
+        verdict: &Verdict,
+        failed_closed: bool,
+    ) {
+        let Some(guard) = &self.replay else { return };
+        let stored = if failed_closed {
+            guard.release(&request.request_id, fingerprint).await
+        } else {
+            guard
+                .complete(&request.request_id, fingerprint, &verdict.response)
+                .await
+        };
+        if let Err(error) = stored {
+            tracing::warn!(%error, "could not store the decision for replays; the claim will expire");
+        }
     }
 
     /// Appends the decision to the audit trail; on failure the decision still

@@ -289,7 +289,13 @@ impl VerifyRequest {
 
     /// SHA-256 of the canonical body without `request_id` (guide §7).
     pub fn fingerprint(&self) -> String {
-        crate::canonical::sha256_hex(&self.policy_input())
+        self.fingerprint_of(&self.policy_input())
+    }
+
+    /// [`fingerprint`](Self::fingerprint) from an already built
+    /// [`policy_input`](Self::policy_input).
+    pub fn fingerprint_of(&self, input: &Value) -> String {
+        crate::canonical::sha256_hex(input)
     }
 }
 
