@@ -406,6 +406,10 @@ async fn a_claim_that_timed_out_but_ran_late_does_not_block_the_retry() {
     let app = spawn_app_with(&[("REDIS_URL", url.as_str())]).await;
     let admin = redis_client(&url).await;
     let body = request("cliniccloud.create_appointment", "ALLOW");
+    // Loads the claim script, so the paused claim is an EVALSHA that Redis
+    // runs late (on an empty script cache it would fail with NOSCRIPT).
+    let warm_up = request("cliniccloud.create_appointment", "ALLOW");
+    assert_eq!(app.decide(&warm_up).await["decision"], "ALLOW");
 
     // Redis holds every command for 700 ms: the claim times out on our side
     // (200 ms), the write fails closed, and Redis runs the claim afterwards.
