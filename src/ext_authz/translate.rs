@@ -278,12 +278,7 @@ fn json_body(
         &http.raw_body
     };
     let size = usize::try_from(http.size).unwrap_or(0).max(bytes.len());
-    if size > MAX_BODY_BYTES {
-        return Err(CheckError::invalid(
-            "body",
-            format!("{size} bytes, over the {MAX_BODY_BYTES}-byte limit of both doors"),
-        ));
-    }
+    let over_limit = size > MAX_BODY_BYTES;
     // Envoy's mark, or fewer bytes than the request's content-length: the
     // latter does not depend on a header a client could also send.
     let marked_partial = headers
@@ -291,13 +286,24 @@ fn json_body(
         .is_some_and(|v| v.split(',').any(|v| v.trim().eq_ignore_ascii_case("true")));
     let short = !bytes.is_empty() && (bytes.len() as i64) < http.size;
     if marked_partial || short {
+        let remedy = if over_limit {
+            format!("over the {MAX_BODY_BYTES}-byte limit of both doors anyway")
+        } else {
+            "raise with_request_body.max_request_bytes".to_owned()
+        };
         return Err(CheckError::invalid(
             "body",
             format!(
-                "cut short by Envoy ({PARTIAL_BODY_HEADER}: true, {} of {} bytes); raise with_request_body.max_request_bytes",
+                "cut short by Envoy ({PARTIAL_BODY_HEADER}: true, {} of {} bytes); {remedy}",
                 bytes.len(),
                 http.size
             ),
+        ));
+    }
+    if over_limit {
+        return Err(CheckError::invalid(
+            "body",
+            format!("{size} bytes, over the {MAX_BODY_BYTES}-byte limit of both doors"),
         ));
     }
     if bytes.is_empty() {
@@ -532,10 +538,14 @@ routes:
             .and_then(|a| a.request.as_mut())
             .and_then(|r| r.http.as_mut())
         {
-            http.size = 7_000;
+            http.size = 70_000;
         }
         let err = tool_call(&routes(true), &short).unwrap_err();
         assert!(err.to_string().contains("cut short"), "{err}");
+        assert!(
+            err.to_string().contains("limit of both doors anyway"),
+            "{err}"
+        );
         let mut not_forwarded = check("POST", "/sms/p", &h, "");
         if let Some(http) = not_forwarded
             .attributes
