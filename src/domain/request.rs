@@ -208,11 +208,11 @@ pub struct VerifyRequest {
     pub subject: BTreeMap<String, String>,
     pub args: Map<String, Value>,
     pub context: Map<String, Value>,
-    /// Numbers whose text a double does not give back, as
-    /// `(canonical JSON path, text as sent)`, sorted; empty for most requests.
-    /// The fingerprint covers them, so two amounts that differ beyond a
-    /// double's precision are two payloads.
-    numbers_as_sent: Vec<(String, String)>,
+    /// Numbers whose text a double does not give back, as `(path from the
+    /// body's root, text as sent)`; empty for most requests. The fingerprint
+    /// writes them as sent, so two amounts that differ beyond a double's
+    /// precision are two payloads.
+    numbers_as_sent: Vec<(Vec<Value>, String)>,
 }
 
 impl VerifyRequest {
@@ -235,10 +235,8 @@ impl VerifyRequest {
                 .map(|step| Value::from(*step))
                 .chain(number.path)
                 .collect();
-            let path = crate::canonical::to_string(&Value::Array(path));
             self.numbers_as_sent.push((path, number.text));
         }
-        self.numbers_as_sent.sort_unstable();
         self
     }
 
@@ -333,13 +331,7 @@ impl VerifyRequest {
         if self.numbers_as_sent.is_empty() {
             return crate::canonical::sha256_hex(input);
         }
-        let mut text = crate::canonical::to_string(input);
-        for (path, number) in &self.numbers_as_sent {
-            text.push_str("\nnumber ");
-            text.push_str(path);
-            text.push(' ');
-            text.push_str(number);
-        }
+        let text = crate::canonical::to_string_with_numbers(input, &self.numbers_as_sent);
         hex::encode(Sha256::digest(text.as_bytes()))
     }
 }
@@ -678,6 +670,15 @@ mod tests {
         assert_eq!(
             a.fingerprint(),
             with_amount("123456789012345678901234567890").fingerprint()
+        );
+        // The canonical JSON of the body with the integer as sent, which is
+        // what a client with exact integers (Python's json) computes.
+        let parsed = crate::canonical::to_string(&a.policy_input());
+        let as_sent = parsed.replace("1.2345678901234568e+29", "123456789012345678901234567890");
+        assert_ne!(as_sent, parsed);
+        assert_eq!(
+            a.fingerprint(),
+            hex::encode(Sha256::digest(as_sent.as_bytes()))
         );
         // Ordinary bodies fingerprint exactly as before.
         let plain = VerifyRequest::from_slice(body().to_string().as_bytes()).unwrap();
