@@ -315,6 +315,61 @@ mod tests {
         assert_eq!(duplicate(&body).as_deref(), Some("args.k150"));
     }
 
+    /// A tiny deterministic generator: no dependency, same cases every run.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, below: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % below
+        }
+
+        fn text(&mut self) -> String {
+            const PIECES: [&str; 9] = ["a", "\"", "\\", "{", "}", "[", ",", "é", "\u{200B}"];
+            (0..self.next(4))
+                .map(|_| PIECES[self.next(PIECES.len() as u64) as usize])
+                .collect()
+        }
+
+        fn value(&mut self, depth: u32) -> Value {
+            match self.next(if depth > 4 { 4 } else { 6 }) {
+                0 => Value::Null,
+                1 => Value::from(self.next(1000) as i64 - 500),
+                2 => Value::from(self.next(1000) as f64 / 8.0),
+                3 => Value::from(self.text()),
+                4 => Value::Array((0..self.next(4)).map(|_| self.value(depth + 1)).collect()),
+                _ => Value::Object(
+                    (0..self.next(5))
+                        .map(|_| (self.text(), self.value(depth + 1)))
+                        .collect(),
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn generated_documents_read_like_serde_json_and_a_repeated_key_is_always_found() {
+        let mut rng = Lcg(11);
+        for case in 0..2_000 {
+            let value = rng.value(0);
+            let text = serde_json::to_string(&value).unwrap();
+            let parsed = parse(text.as_bytes()).unwrap_or_else(|e| panic!("{case}: {text}: {e}"));
+            assert_eq!(parsed.value, value, "{case}: {text}");
+            assert_eq!(parsed.numbers, [], "{case}: {text}");
+
+            // The same document as the value of a key given twice.
+            let key = serde_json::to_string(&rng.text()).unwrap();
+            let twice = format!("{{{key}:{text},\"x\":1,{key}:2}}");
+            assert!(
+                matches!(parse(twice.as_bytes()), Err(JsonError::DuplicateKey { .. })),
+                "{case}: {twice}"
+            );
+        }
+    }
+
     #[test]
     fn malformed_json_is_malformed() {
         assert!(matches!(parse(b"{\"a\":"), Err(JsonError::Malformed(_))));
