@@ -186,21 +186,21 @@ fn pipeline(c: &mut Criterion) {
             Duration::from_secs(30),
             casf_verifier::state::memory::DEFAULT_MAX_KEYS,
         ));
-        Pipeline::new(
+        Arc::new(Pipeline::new(
             Arc::new(policy()),
             Some(state.clone()),
             state,
             Some(writer),
             Arc::new(Metrics::new()),
             SmsLimit::default(),
-        )
+        ))
     });
     let counter = AtomicU64::new(0);
     c.bench_function("pipeline decision (embedded, durable SQLite)", |b| {
         b.to_async(&runtime).iter(|| async {
             let id = format!("bench-{}", counter.fetch_add(1, Ordering::Relaxed));
             let request = VerifyRequest::from_value(body(&id)).expect("valid");
-            pipeline.decide(&request, Door::Http).await
+            pipeline.decide(request, Door::Http).await
         })
     });
 }

@@ -34,6 +34,65 @@ pub fn sha256_hex(value: &Value) -> String {
     hex::encode(Sha256::digest(to_string(value).as_bytes()))
 }
 
+/// Canonical JSON of `value`, except that the numbers at the given paths
+/// (JSON arrays of keys and indices) are written with the given text: the
+/// numbers as a client sent them, where a double would lose what they say
+/// (see [`crate::strict_json`]). For an integer beyond 2^64 this is what a
+/// client computing canonical JSON with exact integers (Python) writes.
+pub fn to_string_with_numbers(value: &Value, numbers: &[(Vec<Value>, String)]) -> String {
+    if numbers.is_empty() {
+        return to_string(value);
+    }
+    let mut out = String::with_capacity(256);
+    let mut path = Vec::new();
+    write_value_at(&mut out, value, &mut path, numbers);
+    out
+}
+
+/// [`write_value`] that knows where it is, for [`to_string_with_numbers`].
+fn write_value_at(
+    out: &mut String,
+    value: &Value,
+    path: &mut Vec<Value>,
+    numbers: &[(Vec<Value>, String)],
+) {
+    match value {
+        Value::Number(n) => match numbers.iter().find(|(at, _)| at == path) {
+            Some((_, text)) => out.push_str(text),
+            None => write_number(out, n),
+        },
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                path.push(Value::from(i));
+                write_value_at(out, item, path, numbers);
+                path.pop();
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_str(out, key);
+                out.push(':');
+                path.push(Value::from(key.as_str()));
+                write_value_at(out, item, path, numbers);
+                path.pop();
+            }
+            out.push('}');
+        }
+        other => write_value(out, other),
+    }
+}
+
 fn write_value(out: &mut String, value: &Value) {
     match value {
         Value::Null => out.push_str("null"),
@@ -147,6 +206,21 @@ mod tests {
             let reread: Value = serde_json::from_str(canonical).unwrap();
             assert_eq!(to_string(&reread), canonical, "{text}");
         }
+    }
+
+    #[test]
+    fn numbers_as_sent_are_written_in_place() {
+        let v: Value =
+            serde_json::from_str(r#"{"b":[1,123456789012345678901234567890],"a":2}"#).unwrap();
+        let numbers = vec![(
+            vec![json!("b"), json!(1)],
+            "123456789012345678901234567890".to_owned(),
+        )];
+        assert_eq!(
+            to_string_with_numbers(&v, &numbers),
+            r#"{"a":2,"b":[1,123456789012345678901234567890]}"#
+        );
+        assert_eq!(to_string_with_numbers(&v, &[]), to_string(&v));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::Request;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,8 +21,8 @@ use crate::health::{Health, Readiness};
 use crate::metrics::{Door, DoorRejection};
 use crate::pipeline::Pipeline;
 
-/// Largest accepted `/verify` body.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest accepted `/verify` body; the Envoy door holds bodies to the same.
+pub use crate::domain::MAX_BODY_BYTES;
 
 pub struct AppState {
     pub pipeline: Arc<Pipeline>,
@@ -51,10 +51,40 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// Whether the request says its body is JSON: `application/json`, with no
+/// parameter but an optional `charset=utf-8`. A body sent as `text/plain` or
+/// a form is refused, not decided: a browser form could send it cross-site.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mut parts = value.split(';').map(str::trim);
+    let media_type_is_json = parts
+        .next()
+        .is_some_and(|t| t.eq_ignore_ascii_case("application/json"));
+    media_type_is_json
+        && parts.filter(|p| !p.is_empty()).all(|param| {
+            param.split_once('=').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("charset")
+                    && value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            })
+        })
+}
+
 async fn verify(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if !is_json(&headers) {
+        return json_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            json!({"detail": "content-type must be application/json"}),
+        );
+    }
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -78,7 +108,9 @@ async fn verify(
             return json_response(status, error.body());
         }
     };
-    let verdict = state.pipeline.decide(&request, Door::Http).await;
+    // The pipeline finishes the decision even if this handler is dropped
+    // because the client went away.
+    let verdict = state.pipeline.decide(request, Door::Http).await;
     (StatusCode::OK, axum::Json(verdict.response)).into_response()
 }
 

@@ -20,4 +20,5 @@ pub mod pipeline;
 pub mod policy;
 pub mod startup;
 pub mod state;
+pub mod strict_json;
 pub mod telemetry;

@@ -1,19 +1,31 @@
 //! The one place that decides. Every door hands a parsed [`VerifyRequest`]
 //! to [`Pipeline::decide`] and translates the [`Verdict`] back.
 //!
+//! A decision runs as a task of its own that owns the request, so that once
+//! started it is finished (audited, then stored or released for replays)
+//! whether or not its caller is still waiting: a client that disconnects
+//! mid-decision must not leave a claim pending, nor an audited ALLOW that a
+//! retry would decide again. A panic inside it becomes an audited fail-closed
+//! deny, on every door.
+//!
 //! Order: anti-replay gate, hard invariants, policy, SMS rate limit, audit
 //! append, then the decision is stored for replays. Violations are the union
 //! of the stages', deduplicated, in stage order. Writes fail closed when a
 //! dependency fails; reads go on without it.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AppendReceipt, NewEvent};
-use crate::domain::{Mode, Tool, VerifyRequest, VerifyResponse, violation};
+use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::policy::PolicyEngine;
 use crate::state::{Claim, RateLimiter, ReplayGuard};
@@ -83,6 +95,46 @@ impl Findings {
     }
 }
 
+/// How far a decision got, kept outside its future so that a panic inside
+/// it still leaves the claim and the audited answer known.
+#[derive(Default)]
+struct Progress {
+    fingerprint: String,
+    /// This decision holds the `request_id`'s claim.
+    claimed: bool,
+    /// The answer once appended to the audit trail, and whether it failed
+    /// closed.
+    audited: Option<(Verdict, bool)>,
+}
+
+/// The answer when the verifier itself could not decide.
+fn internal_error() -> VerifyResponse {
+    VerifyResponse::from_violations(
+        vec![
+            violation::FAIL_CLOSED.to_owned(),
+            violation::INTERNAL_ERROR.to_owned(),
+        ],
+        Vec::new(),
+    )
+}
+
+/// Turns a panic while polling the inner future into `Err(())`. The future
+/// is not polled again after that; only [`Progress`] is read.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}
+
 impl Pipeline {
     pub fn new(
         policy: Arc<dyn PolicyEngine>,
@@ -107,33 +159,101 @@ impl Pipeline {
     }
 
     /// Decides one tool call. Metrics are recorded here, once per call.
-    pub async fn decide(&self, request: &VerifyRequest, door: Door) -> Verdict {
+    ///
+    /// The decision runs in its own task, which owns `request`: dropping the
+    /// returned future (a client gone, Envoy's timeout) does not stop it.
+    pub async fn decide(self: &Arc<Self>, request: VerifyRequest, door: Door) -> Verdict {
         let started = Instant::now();
+        // Every log event of the decision, in whatever task, carries its
+        // request_id through this span.
+        let span = crate::telemetry::decision_span(&request, door);
+        let pipeline = Arc::clone(self);
+        let task = tokio::spawn(
+            async move { pipeline.decide_owned(request, door, started).await }
+                .instrument(span.clone()),
+        );
+        match task.instrument(span.clone()).await {
+            Ok(verdict) => verdict,
+            // Only reachable if the panic handling below panicked too, or the
+            // runtime is shutting down: still an explicit fail-closed deny.
+            Err(error) => {
+                let _entered = span.enter();
+                tracing::error!(%error, "decision task failed: denied (fail closed)");
+                self.metrics.fail_closed(Trigger::Rules);
+                self.metrics
+                    .decided(door, Decision::Deny, started.elapsed());
+                Verdict {
+                    response: internal_error(),
+                    audit: None,
+                }
+            }
+        }
+    }
+
+    async fn decide_owned(&self, request: VerifyRequest, door: Door, started: Instant) -> Verdict {
         let _in_flight = self.metrics.in_flight();
-        let verdict = self.run(request).await;
+        let mut progress = Progress::default();
+        let outcome = CatchUnwind(Box::pin(self.run(&request, &mut progress))).await;
+        let verdict = match outcome {
+            Ok(verdict) => verdict,
+            Err(()) => self.after_panic(&request, progress).await,
+        };
+        let elapsed = started.elapsed();
         self.metrics
-            .decided(door, verdict.response.decision, started.elapsed());
+            .decided(door, verdict.response.decision, elapsed);
+        crate::telemetry::decision_log(door, &request, &verdict, elapsed);
         verdict
     }
 
-    async fn run(&self, request: &VerifyRequest) -> Verdict {
+    /// A stage panicked. Before the audit append: the decision is a
+    /// fail-closed deny, audited, and the claim released so a retry is
+    /// decided afresh. After it: the audited answer stands and is stored (or
+    /// released) as usual, so it is neither lost nor decided twice.
+    async fn after_panic(&self, request: &VerifyRequest, progress: Progress) -> Verdict {
+        tracing::error!("panic while deciding: denied (fail closed)");
+        let (verdict, failed_closed) = match progress.audited {
+            Some(audited) => audited,
+            None => {
+                self.metrics.fail_closed(Trigger::Rules);
+                let input = request.policy_input();
+                let verdict = self
+                    .audited(request, input, request.tool.as_str(), internal_error())
+                    .await;
+                (verdict, true)
+            }
+        };
+        if progress.claimed {
+            // If storing is what panicked, it may panic again: the claim is
+            // then left to expire, and the audited answer still stands.
+            let stored =
+                self.store_or_release(request, &progress.fingerprint, &verdict, failed_closed);
+            if CatchUnwind(Box::pin(stored)).await.is_err() {
+                tracing::error!(
+                    "panic while storing the decision; its claim expires with the pending TTL"
+                );
+            }
+        }
+        verdict
+    }
+
+    async fn run(&self, request: &VerifyRequest, progress: &mut Progress) -> Verdict {
         // One policy input serves the fingerprint (guide §7) and the policy.
         let input = request.policy_input();
-        let fingerprint = crate::canonical::sha256_hex(&input);
+        let fingerprint = request.fingerprint_of(&input);
+        progress.fingerprint.clone_from(&fingerprint);
         let mut findings = Findings::default();
 
         // 1. Anti-replay gate.
-        let mut claimed = false;
         if let Some(guard) = &self.replay {
             match guard.claim(&request.request_id, &fingerprint).await {
-                Ok(Claim::Claimed) => claimed = true,
+                Ok(Claim::Claimed) => progress.claimed = true,
                 Ok(Claim::Cached(response)) => {
                     self.metrics.replay_hit();
                     return self.audited(request, input, REPLAY_ACTION, response).await;
                 }
                 Ok(Claim::Mismatch) => {
                     self.metrics.replay_mismatch();
-                    tracing::warn!(request_id = %request.request_id, "request_id reused with a different payload");
+                    tracing::warn!("request_id reused with a different payload");
                     let response = VerifyResponse::deny(violation::REPLAY_PAYLOAD_MISMATCH);
                     return self.audited(request, input, REPLAY_ACTION, response).await;
                 }
@@ -211,19 +331,34 @@ impl Pipeline {
         let verdict = self
             .audited(request, input, request.tool.as_str(), response)
             .await;
-        if claimed && let Some(guard) = &self.replay {
-            let stored = if failed_closed {
-                guard.release(&request.request_id, &fingerprint).await
-            } else {
-                guard
-                    .complete(&request.request_id, &fingerprint, &verdict.response)
-                    .await
-            };
-            if let Err(error) = stored {
-                tracing::warn!(%error, "could not store the decision for replays; the claim will expire");
-            }
+        progress.audited = Some((verdict.clone(), failed_closed));
+        if progress.claimed {
+            self.store_or_release(request, &fingerprint, &verdict, failed_closed)
+                .await;
         }
         verdict
+    }
+
+    /// Step 6: remembers an audited answer for replays, or drops the claim
+    /// of a fail-closed one.
+    async fn store_or_release(
+        &self,
+        request: &VerifyRequest,
+        fingerprint: &str,
+        verdict: &Verdict,
+        failed_closed: bool,
+    ) {
+        let Some(guard) = &self.replay else { return };
+        let stored = if failed_closed {
+            guard.release(&request.request_id, fingerprint).await
+        } else {
+            guard
+                .complete(&request.request_id, fingerprint, &verdict.response)
+                .await
+        };
+        if let Err(error) = stored {
+            tracing::warn!(%error, "could not store the decision for replays; the claim will expire");
+        }
     }
 
     /// Appends the decision to the audit trail; on failure the decision still
@@ -256,13 +391,498 @@ impl Pipeline {
             },
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
-                tracing::error!(%error, request_id = %request.request_id, "audit append failed");
+                tracing::error!(%error, "audit append failed");
                 response.reason.push_str(AUDIT_FAILED_SUFFIX);
                 Verdict {
                     response,
                     audit: None,
                 }
             }
+        }
+    }
+}
+
+/// One row per dependency failing on a read or on a write, plus the happy
+/// path, replays and panics in each port. Fakes stand in for every port, so
+/// these run with no services.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditError, AuditLog, EventFilter, StoredEvent};
+    use crate::domain::RequestId;
+    use crate::policy::{PolicyError, PolicyVerdict};
+    use crate::state::StateError;
+    use serde_json::Value;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Port {
+        Works,
+        Fails,
+        Panics,
+    }
+    use Port::{Fails, Panics, Works};
+
+    #[derive(Clone, Copy, Debug)]
+    enum Claiming {
+        Claims(Port),
+        Cached,
+        Pending,
+        Mismatch,
+    }
+
+    /// What became of the claim.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum ClaimEnd {
+        /// Neither stored nor released (no claim was held, or storing failed).
+        Untouched,
+        Stored,
+        Released,
+    }
+
+    struct Row {
+        name: &'static str,
+        tool: Tool,
+        claim: Claiming,
+        /// `complete` or `release`, whichever the decision calls.
+        store: Port,
+        policy: Port,
+        /// What the policy says when it works.
+        policy_denies: bool,
+        limiter: Port,
+        sms_count: u64,
+        audit: Port,
+        violations: &'static [&'static str],
+        trigger: Option<&'static str>,
+        claim_end: ClaimEnd,
+        /// The action of the audit row, or `None` when none was written.
+        audited: Option<&'static str>,
+    }
+
+    const OK_ROW: Row = Row {
+        name: "",
+        tool: Tool::CreateAppointment,
+        claim: Claiming::Claims(Works),
+        store: Works,
+        policy: Works,
+        policy_denies: false,
+        limiter: Works,
+        sms_count: 1,
+        audit: Works,
+        violations: &[],
+        trigger: None,
+        claim_end: ClaimEnd::Stored,
+        audited: Some("cliniccloud.create_appointment"),
+    };
+    const READ: Tool = Tool::SummaryHistory;
+    const READ_ACTION: Option<&str> = Some("cliniccloud.summary_history");
+    const SMS_ACTION: Option<&str> = Some("twilio.send_sms");
+    const INTERNAL: &[&str] = &["FAIL_CLOSED", "Verifier_InternalError"];
+
+    fn rows() -> Vec<Row> {
+        vec![
+            Row {
+                name: "happy write",
+                ..OK_ROW
+            },
+            Row {
+                name: "happy read",
+                tool: READ,
+                audited: READ_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "happy SMS",
+                tool: Tool::SendSms,
+                audited: SMS_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "policy deny is stored",
+                policy_denies: true,
+                violations: &["OPA_Deny"],
+                ..OK_ROW
+            },
+            Row {
+                name: "replay of a stored decision",
+                claim: Claiming::Cached,
+                claim_end: ClaimEnd::Untouched,
+                audited: Some(REPLAY_ACTION),
+                ..OK_ROW
+            },
+            Row {
+                name: "same id still pending",
+                claim: Claiming::Pending,
+                violations: &["Inv_ReplayConcurrent"],
+                claim_end: ClaimEnd::Untouched,
+                audited: Some(REPLAY_ACTION),
+                ..OK_ROW
+            },
+            Row {
+                name: "same id, other payload",
+                claim: Claiming::Mismatch,
+                violations: &["Inv_ReplayPayloadMismatch"],
+                claim_end: ClaimEnd::Untouched,
+                audited: Some(REPLAY_ACTION),
+                ..OK_ROW
+            },
+            Row {
+                name: "claim fails on a write",
+                claim: Claiming::Claims(Fails),
+                violations: &["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"],
+                trigger: Some("redis"),
+                claim_end: ClaimEnd::Untouched,
+                ..OK_ROW
+            },
+            Row {
+                name: "claim fails on a read",
+                tool: READ,
+                claim: Claiming::Claims(Fails),
+                claim_end: ClaimEnd::Untouched,
+                audited: READ_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "policy fails on a write",
+                policy: Fails,
+                violations: &["FAIL_CLOSED", "OPA_Unavailable"],
+                trigger: Some("opa"),
+                claim_end: ClaimEnd::Released,
+                ..OK_ROW
+            },
+            Row {
+                name: "policy fails on a read",
+                tool: READ,
+                policy: Fails,
+                audited: READ_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "SMS limit fails",
+                tool: Tool::SendSms,
+                limiter: Fails,
+                violations: &["FAIL_CLOSED", "Inv_NoSmsBurst"],
+                trigger: Some("redis"),
+                claim_end: ClaimEnd::Released,
+                audited: SMS_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "SMS over the limit is stored",
+                tool: Tool::SendSms,
+                sms_count: 2,
+                violations: &["Inv_NoSmsBurst"],
+                audited: SMS_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "audit append fails on a write",
+                audit: Fails,
+                audited: None,
+                ..OK_ROW
+            },
+            Row {
+                name: "audit append fails on a read",
+                tool: READ,
+                audit: Fails,
+                audited: None,
+                ..OK_ROW
+            },
+            Row {
+                name: "storing the decision fails",
+                store: Fails,
+                claim_end: ClaimEnd::Untouched,
+                ..OK_ROW
+            },
+            Row {
+                name: "releasing a fail-closed claim fails",
+                policy: Fails,
+                store: Fails,
+                violations: &["FAIL_CLOSED", "OPA_Unavailable"],
+                trigger: Some("opa"),
+                claim_end: ClaimEnd::Untouched,
+                ..OK_ROW
+            },
+            Row {
+                name: "claim panics",
+                claim: Claiming::Claims(Panics),
+                violations: INTERNAL,
+                trigger: Some("rules"),
+                claim_end: ClaimEnd::Untouched,
+                ..OK_ROW
+            },
+            Row {
+                name: "policy panics on a write",
+                policy: Panics,
+                violations: INTERNAL,
+                trigger: Some("rules"),
+                claim_end: ClaimEnd::Released,
+                ..OK_ROW
+            },
+            Row {
+                name: "policy panics on a read",
+                tool: READ,
+                policy: Panics,
+                violations: INTERNAL,
+                trigger: Some("rules"),
+                claim_end: ClaimEnd::Released,
+                audited: READ_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "SMS limit panics",
+                tool: Tool::SendSms,
+                limiter: Panics,
+                violations: INTERNAL,
+                trigger: Some("rules"),
+                claim_end: ClaimEnd::Released,
+                audited: SMS_ACTION,
+                ..OK_ROW
+            },
+            Row {
+                name: "storing panics after the audit: the audited answer stands",
+                store: Panics,
+                claim_end: ClaimEnd::Untouched,
+                ..OK_ROW
+            },
+            Row {
+                name: "audit store panics: the decision stands, unaudited",
+                audit: Panics,
+                audited: None,
+                ..OK_ROW
+            },
+        ]
+    }
+
+    fn act<T>(port: Port, works: T, fails: T) -> T {
+        match port {
+            Works => works,
+            Fails => fails,
+            Panics => panic!("bug in a port"),
+        }
+    }
+
+    struct FakePolicy(Port, bool);
+
+    #[async_trait::async_trait]
+    impl PolicyEngine for FakePolicy {
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        async fn evaluate(&self, _: &Value) -> Result<PolicyVerdict, PolicyError> {
+            let verdict = PolicyVerdict {
+                allow: !self.1,
+                violations: Vec::new(),
+            };
+            act(self.0, Ok(verdict), Err(PolicyError::Timeout))
+        }
+    }
+
+    struct FakeState {
+        claim: Claiming,
+        store: Port,
+        limiter: Port,
+        sms_count: u64,
+        ends: Mutex<Vec<ClaimEnd>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ReplayGuard for FakeState {
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        async fn claim(&self, _: &RequestId, _: &str) -> Result<Claim, StateError> {
+            match self.claim {
+                Claiming::Claims(port) => act(port, Ok(Claim::Claimed), Err(StateError::Timeout)),
+                Claiming::Cached => Ok(Claim::Cached(VerifyResponse::from_violations(
+                    Vec::new(),
+                    Vec::new(),
+                ))),
+                Claiming::Pending => Ok(Claim::Pending),
+                Claiming::Mismatch => Ok(Claim::Mismatch),
+            }
+        }
+        async fn complete(
+            &self,
+            _: &RequestId,
+            _: &str,
+            _: &VerifyResponse,
+        ) -> Result<(), StateError> {
+            act(self.store, Ok(()), Err(StateError::Timeout))?;
+            self.ends.lock().unwrap().push(ClaimEnd::Stored);
+            Ok(())
+        }
+        async fn release(&self, _: &RequestId, _: &str) -> Result<(), StateError> {
+            act(self.store, Ok(()), Err(StateError::Timeout))?;
+            self.ends.lock().unwrap().push(ClaimEnd::Released);
+            Ok(())
+        }
+        async fn ping(&self) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl RateLimiter for FakeState {
+        async fn hit(&self, _: &str, _: Duration) -> Result<u64, StateError> {
+            act(
+                self.limiter,
+                Ok(self.sms_count),
+                Err(StateError::Unavailable("down".into())),
+            )
+        }
+    }
+
+    /// An in-memory audit log.
+    struct FakeAudit {
+        port: Port,
+        events: Mutex<Vec<NewEvent>>,
+    }
+
+    #[async_trait::async_trait]
+    impl AuditLog for FakeAudit {
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        async fn append_batch(
+            &self,
+            events: &[NewEvent],
+        ) -> Result<Vec<AppendReceipt>, AuditError> {
+            act(
+                self.port,
+                Ok(()),
+                Err(AuditError::Unavailable("down".into())),
+            )?;
+            let mut stored = self.events.lock().unwrap();
+            let mut receipts = Vec::new();
+            for event in events {
+                stored.push(event.clone());
+                receipts.push(AppendReceipt {
+                    id: stored.len() as i64,
+                    hash: format!("h{}", stored.len()),
+                });
+            }
+            Ok(receipts)
+        }
+        async fn page(
+            &self,
+            _: &EventFilter,
+            _: i64,
+            _: u32,
+        ) -> Result<Vec<StoredEvent>, AuditError> {
+            Ok(Vec::new())
+        }
+        async fn hash_before(&self, _: i64) -> Result<Option<String>, AuditError> {
+            Ok(None)
+        }
+        async fn ping(&self) -> Result<(), AuditError> {
+            Ok(())
+        }
+    }
+
+    fn request(tool: Tool) -> VerifyRequest {
+        VerifyRequest::from_value(json!({
+            "request_id": "r-1",
+            "tool": tool.as_str(),
+            "mode": "ALLOW",
+            "role": "nurse",
+            "subject": {"patient_id": "p-1"},
+            "args": {},
+            "context": {"tenant_id": "t-1"}
+        }))
+        .unwrap()
+    }
+
+    fn fail_closed_count(metrics: &Metrics, trigger: &str) -> u64 {
+        let series = format!("casf_fail_closed_total{{trigger=\"{trigger}\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_dependency_failing_on_a_read_or_a_write() {
+        for row in rows() {
+            let name = row.name;
+            let state = Arc::new(FakeState {
+                claim: row.claim,
+                store: row.store,
+                limiter: row.limiter,
+                sms_count: row.sms_count,
+                ends: Mutex::new(Vec::new()),
+            });
+            let log = Arc::new(FakeAudit {
+                port: row.audit,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let pipeline = Arc::new(Pipeline::new(
+                Arc::new(FakePolicy(row.policy, row.policy_denies)),
+                Some(state.clone()),
+                state.clone(),
+                Some(writer),
+                metrics.clone(),
+                SmsLimit::default(),
+            ));
+
+            let verdict = pipeline.decide(request(row.tool), Door::Http).await;
+
+            assert_eq!(verdict.response.violations, row.violations, "{name}");
+            let expected_decision = if row.violations.is_empty() {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            };
+            assert_eq!(verdict.response.decision, expected_decision, "{name}");
+            for trigger in ["redis", "opa", "rules"] {
+                let expected = u64::from(row.trigger == Some(trigger));
+                assert_eq!(
+                    fail_closed_count(&metrics, trigger),
+                    expected,
+                    "{name}: trigger {trigger}"
+                );
+            }
+            let ends = state.ends.lock().unwrap().clone();
+            let expected_ends = match row.claim_end {
+                ClaimEnd::Untouched => vec![],
+                end => vec![end],
+            };
+            assert_eq!(ends, expected_ends, "{name}: claim");
+
+            let events = log.events.lock().unwrap().clone();
+            match row.audited {
+                Some(action) => {
+                    assert_eq!(events.len(), 1, "{name}: one audit row");
+                    assert_eq!(events[0].action, action, "{name}");
+                    assert_eq!(
+                        events[0].decision,
+                        verdict.response.decision.as_str(),
+                        "{name}"
+                    );
+                    assert!(verdict.audit.is_some(), "{name}");
+                    assert!(
+                        !verdict.response.reason.ends_with(AUDIT_FAILED_SUFFIX),
+                        "{name}"
+                    );
+                }
+                None => {
+                    assert!(events.is_empty(), "{name}");
+                    assert!(verdict.audit.is_none(), "{name}");
+                    assert!(
+                        verdict.response.reason.ends_with(AUDIT_FAILED_SUFFIX),
+                        "{name}"
+                    );
+                }
+            }
+            let text = metrics.encode();
+            assert!(
+                text.lines().any(|l| l == "casf_verify_in_flight 0"),
+                "{name}"
+            );
+            assert!(text.lines().any(|l| l == "casf_verify_total 1"), "{name}");
         }
     }
 }

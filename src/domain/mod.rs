@@ -4,5 +4,7 @@
 mod request;
 mod response;
 
-pub use request::{MAX_REQUEST_ID_CHARS, Mode, RequestError, RequestId, Role, Tool, VerifyRequest};
+pub use request::{
+    MAX_BODY_BYTES, MAX_REQUEST_ID_CHARS, Mode, RequestError, RequestId, Role, Tool, VerifyRequest,
+};
 pub use response::{Decision, VerifyResponse, violation};

@@ -7,6 +7,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::strict_json::{JsonError, NumberAsSent};
+
+/// Largest accepted request body, on every door.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Longest accepted `request_id`, in characters.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
@@ -92,6 +98,7 @@ impl RequestId {
         if raw.contains('\0') {
             return Err(RequestError::invalid("request_id", NUL_REASON));
         }
+        check_identifier("request_id", raw)?;
         Ok(RequestId(raw.to_owned()))
     }
 
@@ -201,14 +208,36 @@ pub struct VerifyRequest {
     pub subject: BTreeMap<String, String>,
     pub args: Map<String, Value>,
     pub context: Map<String, Value>,
+    /// Numbers whose text a double does not give back, as `(path from the
+    /// body's root, text as sent)`; empty for most requests. The fingerprint
+    /// writes them as sent, so two amounts that differ beyond a double's
+    /// precision are two payloads.
+    numbers_as_sent: Vec<(Vec<Value>, String)>,
 }
 
 impl VerifyRequest {
-    /// Parses a raw JSON body.
+    /// Parses a raw JSON body: a key given twice anywhere is refused, and
+    /// numbers are fingerprinted as sent (see [`crate::strict_json`]).
     pub fn from_slice(body: &[u8]) -> Result<Self, RequestError> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| RequestError::invalid("body", format!("malformed JSON: {e}")))?;
-        Self::from_value(value)
+        let parsed = crate::strict_json::parse(body).map_err(|e| match e {
+            JsonError::Malformed(_) => RequestError::invalid("body", e.to_string()),
+            JsonError::DuplicateKey { path } => RequestError::invalid(path, "duplicate key"),
+        })?;
+        Ok(Self::from_value(parsed.value)?.with_numbers_as_sent(&[], parsed.numbers))
+    }
+
+    /// Adds numbers kept as sent by [`crate::strict_json::parse`] of the JSON
+    /// found at `under` (e.g. `["args"]` for an Envoy request body).
+    pub fn with_numbers_as_sent(mut self, under: &[&str], numbers: Vec<NumberAsSent>) -> Self {
+        for number in numbers {
+            let path: Vec<Value> = under
+                .iter()
+                .map(|step| Value::from(*step))
+                .chain(number.path)
+                .collect();
+            self.numbers_as_sent.push((path, number.text));
+        }
+        self
     }
 
     /// Parses a JSON value; the single entry point for every door.
@@ -237,6 +266,9 @@ impl VerifyRequest {
         check_storable(&args, "args", 1)?;
         let context = expect_object(take("context")?, "context")?;
         check_storable(&context, "context", 1)?;
+        if let Some(Value::String(tenant)) = context.get("tenant_id") {
+            check_identifier("context.tenant_id", tenant)?;
+        }
 
         let has_patient = subject.get("patient_id").is_some_and(|p| !p.is_empty());
         if tool.needs_patient_id() && !has_patient {
@@ -250,6 +282,7 @@ impl VerifyRequest {
             subject,
             args,
             context,
+            numbers_as_sent: Vec::new(),
         })
     }
 
@@ -289,7 +322,17 @@ impl VerifyRequest {
 
     /// SHA-256 of the canonical body without `request_id` (guide §7).
     pub fn fingerprint(&self) -> String {
-        crate::canonical::sha256_hex(&self.policy_input())
+        self.fingerprint_of(&self.policy_input())
+    }
+
+    /// [`fingerprint`](Self::fingerprint) from an already built
+    /// [`policy_input`](Self::policy_input).
+    pub fn fingerprint_of(&self, input: &Value) -> String {
+        if self.numbers_as_sent.is_empty() {
+            return crate::canonical::sha256_hex(input);
+        }
+        let text = crate::canonical::to_string_with_numbers(input, &self.numbers_as_sent);
+        hex::encode(Sha256::digest(text.as_bytes()))
     }
 }
 
@@ -331,9 +374,66 @@ fn parse_subject(value: Value) -> Result<BTreeMap<String, String>, RequestError>
         .into_iter()
         .map(|(key, value)| {
             let field = format!("subject.{key}");
-            expect_string(value, &field).map(|s| (key, s))
+            let value = expect_string(value, &field)?;
+            if key == "patient_id" {
+                check_identifier(&field, &value)?;
+            }
+            Ok((key, value))
         })
         .collect()
+}
+
+/// Refuses an identifier that could name one thing two ways: leading or
+/// trailing whitespace, control characters, or Unicode format characters
+/// (zero-width spaces and joiners, BOM, bidi controls). Otherwise `pat-X`,
+/// `pat-X ` and `pat\u{200B}-X` would be three patients to the SMS limit.
+/// Look-alike letters and dashes (e.g. U+2010 HYPHEN) are not format
+/// characters and are left alone: that is a confusables problem, not this.
+fn check_identifier(field: &str, value: &str) -> Result<(), RequestError> {
+    if value.trim() != value {
+        return Err(RequestError::invalid(
+            field,
+            "has leading or trailing whitespace",
+        ));
+    }
+    match value.chars().find(|&c| c.is_control() || is_format(c)) {
+        Some(c) => Err(RequestError::invalid(
+            field,
+            format!(
+                "contains U+{:04X}, a control or format character",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Unicode general category Cf (format), as of Unicode 15.1.
+fn is_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// Refuses what the audit trail could not store or read back: U+0000 in a
@@ -498,6 +598,98 @@ mod tests {
         let mut b = body();
         b["context"] = json!({"deep": (0..MAX_DEPTH).fold(json!(1), |inner, _| json!([inner]))});
         assert!(VerifyRequest::from_value(b).is_err());
+    }
+
+    #[test]
+    fn identifiers_are_spelled_one_way() {
+        let spellings = [
+            " p-1",
+            "p-1 ",
+            "p-1\t",
+            "p\u{200B}-1",
+            "p\u{200D}1",
+            "\u{FEFF}p-1",
+            "p\u{2060}1",
+            "p\u{202E}1",
+            "p\u{7}1",
+            "p\u{85}1",
+        ];
+        for bad in spellings {
+            for (field, path) in [
+                ("request_id", "request_id"),
+                ("subject", "subject.patient_id"),
+                ("context", "context.tenant_id"),
+            ] {
+                let mut b = body();
+                match field {
+                    "subject" => b["subject"] = json!({"patient_id": bad}),
+                    "context" => b["context"] = json!({"tenant_id": bad}),
+                    _ => b[field] = json!(bad),
+                }
+                let err = VerifyRequest::from_value(b).unwrap_err();
+                assert_eq!(
+                    (err.field(), err.status()),
+                    (path, 422),
+                    "{bad:?} in {field}"
+                );
+            }
+        }
+        // Inner spaces and look-alike dashes are not format characters.
+        for fine in ["p 1", "p\u{2010}1", "Zoë-東京"] {
+            let mut b = body();
+            b["subject"] = json!({"patient_id": fine});
+            b["request_id"] = json!(fine);
+            b["context"] = json!({"tenant_id": fine});
+            assert!(VerifyRequest::from_value(b).is_ok(), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_twice_is_a_422_naming_it() {
+        let err =
+            VerifyRequest::from_slice(br#"{"request_id":"r","mode":"KILL_SWITCH","mode":"ALLOW"}"#)
+                .unwrap_err();
+        assert_eq!((err.field(), err.status()), ("mode", 422));
+        assert_eq!(err.body()["reason"], "duplicate key");
+    }
+
+    #[test]
+    fn numbers_beyond_a_double_fingerprint_as_sent() {
+        let with_amount = |amount: &str| {
+            let text = body().to_string().replace(
+                r#""text":"hi""#,
+                &format!(r#""text":"hi","amount":{amount}"#),
+            );
+            VerifyRequest::from_slice(text.as_bytes()).unwrap()
+        };
+        let a = with_amount("123456789012345678901234567890");
+        let b = with_amount("123456789012345678901234567891");
+        // Equal as doubles, and so in the audit payload, but two payloads.
+        assert_eq!(a.policy_input(), b.policy_input());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(
+            a.fingerprint(),
+            with_amount("123456789012345678901234567890").fingerprint()
+        );
+        // The canonical JSON of the body with the integer as sent, which is
+        // what a client with exact integers (Python's json) computes.
+        let parsed = crate::canonical::to_string(&a.policy_input());
+        let as_sent = parsed.replace("1.2345678901234568e+29", "123456789012345678901234567890");
+        assert_ne!(as_sent, parsed);
+        assert_eq!(
+            a.fingerprint(),
+            hex::encode(Sha256::digest(as_sent.as_bytes()))
+        );
+        // Ordinary bodies fingerprint exactly as before.
+        let plain = VerifyRequest::from_slice(body().to_string().as_bytes()).unwrap();
+        assert_eq!(
+            plain.fingerprint(),
+            crate::canonical::sha256_hex(&plain.policy_input())
+        );
+        assert_eq!(with_amount("12.5").fingerprint(), {
+            let r = with_amount("12.5");
+            crate::canonical::sha256_hex(&r.policy_input())
+        });
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod respond;
 pub mod routes;
 pub mod translate;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,22 +55,6 @@ impl ExtAuthz {
             .and_then(|r| r.http.as_ref())
             .and_then(|http| translate::request_id(&translate::headers(http)).map(str::to_owned))
             .unwrap_or_default()
-    }
-
-    /// Decides one Check. Runs as its own task (see [`Authorization::check`]).
-    async fn decide(
-        pipeline: Arc<Pipeline>,
-        routes: Arc<RouteMap>,
-        check: CheckRequest,
-        request_id: String,
-    ) -> Outcome {
-        match translate::tool_call(&routes, &check) {
-            Ok(request) => Outcome::Decided {
-                request_id: request.request_id.as_str().to_owned(),
-                verdict: pipeline.decide(&request, Door::ExtAuthz).await,
-            },
-            Err(error) => Outcome::Refused { request_id, error },
-        }
     }
 
     fn answer(&self, outcome: Outcome) -> CheckResponse {
@@ -137,22 +122,26 @@ impl Authorization for ExtAuthz {
         let started = Instant::now();
         let check = request.into_inner();
         let request_id = Self::request_id(&check);
-        // Its own task, for two reasons: a panic anywhere in deciding becomes
-        // a deny below instead of a dropped stream, and a decision that has
-        // started is finished (audited, stored for replays) even when Envoy
-        // gives up waiting and cancels the call.
-        let decided = tokio::spawn(Self::decide(
-            self.pipeline.clone(),
-            self.routes.clone(),
-            check,
-            request_id.clone(),
-        ))
-        .await;
-        let response = match decided {
-            Ok(outcome) => self.answer(outcome),
-            Err(error) => self.internal_error(&error, &request_id, started),
+        // Translation is synchronous, so a panic in it is caught right here
+        // and answered as an explicit deny rather than a dropped stream. The
+        // decision itself runs in the pipeline's own task, which turns its
+        // panics into fail-closed denies and finishes even when Envoy cancels.
+        let translated = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            translate::tool_call(&self.routes, &check)
+        }));
+        let outcome = match translated {
+            Ok(Ok(request)) => Outcome::Decided {
+                request_id: request.request_id.as_str().to_owned(),
+                verdict: self.pipeline.decide(request, Door::ExtAuthz).await,
+            },
+            Ok(Err(error)) => Outcome::Refused { request_id, error },
+            Err(_) => {
+                let response =
+                    self.internal_error(&"panic while translating the Check", &request_id, started);
+                return Ok(Response::new(response));
+            }
         };
-        Ok(Response::new(response))
+        Ok(Response::new(self.answer(outcome)))
     }
 }
 

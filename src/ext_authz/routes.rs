@@ -172,11 +172,25 @@ pub struct RouteMatch {
     pub params: Vec<(String, String)>,
 }
 
-/// A path parameter that is not valid UTF-8 once percent-decoded.
+/// A path parameter that cannot name anything: a bad request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("path parameter {name} is not valid UTF-8 once percent-decoded")]
+#[error("path parameter {name} {reason}")]
 pub struct BadPathParam {
     pub name: String,
+    pub reason: &'static str,
+}
+
+/// Why a decoded path parameter is refused, if it is. `.` and `..`, and a `/`
+/// that was `%2F`, would name another path than the one matched if anything
+/// downstream normalised it; that is safe only while Envoy normalises first.
+fn bad_param(raw: &str, decoded: Result<&str, ()>) -> Option<&'static str> {
+    match decoded {
+        Err(()) => Some("is not valid UTF-8 once percent-decoded"),
+        _ if raw.is_empty() => Some("is empty"),
+        Ok("." | "..") => Some("is a dot segment (. or ..)"),
+        Ok(value) if value.contains('/') => Some("contains a percent-encoded /"),
+        Ok(_) => None,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +280,7 @@ impl RouteMap {
                 continue;
             }
             let mut params = Vec::new();
+            let mut bad = None;
             let mut matched = true;
             for (segment, raw) in route.segments.iter().zip(&raw) {
                 let decoded = percent_decode_str(raw).decode_utf8();
@@ -276,21 +291,31 @@ impl RouteMap {
                             break;
                         }
                     }
-                    Segment::Param(name) => match decoded {
-                        _ if raw.is_empty() => {
-                            matched = false;
-                            break;
+                    Segment::Param(name) => {
+                        let value = decoded.as_deref().map_err(drop);
+                        match bad_param(raw, value) {
+                            Some(reason) => {
+                                bad.get_or_insert(BadPathParam {
+                                    name: name.clone(),
+                                    reason,
+                                });
+                            }
+                            None => {
+                                params.push((name.clone(), value.unwrap_or_default().to_owned()))
+                            }
                         }
-                        Ok(value) => params.push((name.clone(), value.into_owned())),
-                        Err(_) => return Err(BadPathParam { name: name.clone() }),
-                    },
+                    }
                 }
             }
+            // A bad parameter is reported only for the route the path matches.
             if matched {
-                return Ok(Some(RouteMatch {
-                    tool: route.tool,
-                    params,
-                }));
+                return match bad {
+                    Some(bad) => Err(bad),
+                    None => Ok(Some(RouteMatch {
+                        tool: route.tool,
+                        params,
+                    })),
+                };
             }
         }
         Ok(None)
@@ -413,14 +438,14 @@ routes:
     fn resolves_method_and_template_with_decoded_params() {
         let m = map();
         let hit = m
-            .resolve("DELETE", "/c/patients/p%2F1/appointments/a%20b")
+            .resolve("DELETE", "/c/patients/p%2D1/appointments/a%20b")
             .unwrap()
             .unwrap();
         assert_eq!(hit.tool, Tool::CancelAppointment);
         assert_eq!(
             hit.params,
             vec![
-                ("patient_id".into(), "p/1".into()),
+                ("patient_id".into(), "p-1".into()),
                 ("appointment_id".into(), "a b".into())
             ]
         );
@@ -446,8 +471,8 @@ routes:
         for (method, path) in [
             ("PUT", "/c/patients/p1/appointments"),
             ("POST", "/c/patients/p1/appointments/"),
-            ("POST", "/c/patients//appointments"),
             ("POST", "/c/patients/p1"),
+            ("POST", "/c/patients//other"),
             ("POST", "c/patients/p1/appointments"),
             ("post", "/c/patients/p1/appointments"),
             ("POST", ""),
@@ -462,6 +487,38 @@ routes:
             .resolve("POST", "/c/patients/%FF/appointments")
             .unwrap_err();
         assert_eq!(err.name, "patient_id");
+    }
+
+    #[test]
+    fn params_that_name_no_single_thing_are_refused() {
+        for (path, reason) in [
+            ("/c/patients//appointments", "is empty"),
+            ("/c/patients/./appointments", "is a dot segment (. or ..)"),
+            ("/c/patients/../appointments", "is a dot segment (. or ..)"),
+            (
+                "/c/patients/%2e%2e/appointments",
+                "is a dot segment (. or ..)",
+            ),
+            ("/c/patients/%2E/appointments", "is a dot segment (. or ..)"),
+            (
+                "/c/patients/p%2F1/appointments",
+                "contains a percent-encoded /",
+            ),
+            (
+                "/c/patients/%2f/appointments",
+                "contains a percent-encoded /",
+            ),
+        ] {
+            let err = map().resolve("POST", path).unwrap_err();
+            assert_eq!(
+                (err.name.as_str(), err.reason),
+                ("patient_id", reason),
+                "{path}"
+            );
+        }
+        // Dots inside a value are fine.
+        let hit = map().resolve("POST", "/c/patients/p.1..x/appointments");
+        assert_eq!(hit.unwrap().unwrap().params[0].1, "p.1..x");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
 use serde_json::{Map, Value, json};
 
 use super::routes::RouteMap;
-use crate::domain::{RequestError, VerifyRequest};
+use crate::domain::{MAX_BODY_BYTES, RequestError, VerifyRequest};
+use crate::strict_json::{self, JsonError, NumberAsSent, Parsed};
 
 /// Set by Envoy when `with_request_body` cut the body at `max_request_bytes`.
 pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
@@ -139,10 +140,12 @@ pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyReques
     for (name, value) in query_params(query) {
         args.insert(name, value)?;
     }
-    if let Some(body) = json_body(http, &headers)? {
+    let mut numbers_as_sent = Vec::new();
+    if let Some((body, numbers)) = json_body(http, &headers)? {
         for (name, value) in body {
             args.insert(name, value)?;
         }
+        numbers_as_sent = numbers;
     }
 
     let claims = attributes
@@ -206,7 +209,7 @@ pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyReques
         ));
     };
 
-    Ok(VerifyRequest::from_value(json!({
+    let request = VerifyRequest::from_value(json!({
         "request_id": request_id,
         "tool": route.tool.as_str(),
         "mode": mode,
@@ -214,7 +217,9 @@ pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyReques
         "subject": subject,
         "args": args.0,
         "context": context,
-    }))?)
+    }))?;
+    // The body's keys are `args`, so its numbers are found under `args`.
+    Ok(request.with_numbers_as_sent(&["args"], numbers_as_sent))
 }
 
 /// `args` gathered from path, query and body; a name given twice is refused
@@ -255,18 +260,25 @@ fn query_params(query: &str) -> Vec<(String, Value)> {
     params
 }
 
-/// The JSON object body, if there is one. A body that Envoy cut short, that
-/// is not a JSON object, or that Envoy did not forward at all is refused:
-/// a decision on part of a call is not a decision on the call.
+/// A request body's keys, and its numbers kept as sent.
+type JsonBody = (Map<String, Value>, Vec<NumberAsSent>);
+
+/// The JSON object body, if there is one, with its numbers kept as sent. A
+/// body that Envoy cut short, that is not a JSON object, that holds a key
+/// twice, that is larger than `/verify` accepts, or that Envoy did not forward
+/// at all is refused: a decision on part of a call, or on one reading of an
+/// ambiguous one, is not a decision on the call.
 fn json_body(
     http: &HttpRequest,
     headers: &HashMap<String, String>,
-) -> Result<Option<Map<String, Value>>, CheckError> {
+) -> Result<Option<JsonBody>, CheckError> {
     let bytes = if http.raw_body.is_empty() {
         http.body.as_bytes()
     } else {
         &http.raw_body
     };
+    let size = usize::try_from(http.size).unwrap_or(0).max(bytes.len());
+    let over_limit = size > MAX_BODY_BYTES;
     // Envoy's mark, or fewer bytes than the request's content-length: the
     // latter does not depend on a header a client could also send.
     let marked_partial = headers
@@ -274,13 +286,24 @@ fn json_body(
         .is_some_and(|v| v.split(',').any(|v| v.trim().eq_ignore_ascii_case("true")));
     let short = !bytes.is_empty() && (bytes.len() as i64) < http.size;
     if marked_partial || short {
+        let remedy = if over_limit {
+            format!("over the {MAX_BODY_BYTES}-byte limit of both doors anyway")
+        } else {
+            "raise with_request_body.max_request_bytes".to_owned()
+        };
         return Err(CheckError::invalid(
             "body",
             format!(
-                "cut short by Envoy ({PARTIAL_BODY_HEADER}: true, {} of {} bytes); raise with_request_body.max_request_bytes",
+                "cut short by Envoy ({PARTIAL_BODY_HEADER}: true, {} of {} bytes); {remedy}",
                 bytes.len(),
                 http.size
             ),
+        ));
+    }
+    if over_limit {
+        return Err(CheckError::invalid(
+            "body",
+            format!("{size} bytes, over the {MAX_BODY_BYTES}-byte limit of both doors"),
         ));
     }
     if bytes.is_empty() {
@@ -295,10 +318,16 @@ fn json_body(
         }
         return Ok(None);
     }
-    match serde_json::from_slice(bytes) {
-        Ok(Value::Object(map)) => Ok(Some(map)),
+    match strict_json::parse(bytes) {
+        Ok(Parsed {
+            value: Value::Object(map),
+            numbers,
+        }) => Ok(Some((map, numbers))),
         Ok(_) => Err(CheckError::invalid("body", "must be a JSON object")),
-        Err(e) => Err(CheckError::invalid("body", format!("not JSON: {e}"))),
+        Err(JsonError::DuplicateKey { path }) => {
+            Err(CheckError::invalid(format!("body.{path}"), "duplicate key"))
+        }
+        Err(JsonError::Malformed(e)) => Err(CheckError::invalid("body", format!("not JSON: {e}"))),
     }
 }
 
@@ -461,6 +490,33 @@ routes:
     }
 
     #[test]
+    fn bodies_with_a_key_twice_or_over_the_limit_are_bad_requests() {
+        let h = [ID, ("x-casf-role", "nurse")];
+        let twice = check("POST", "/sms/p", &h, r#"{"text":"a","opts":{"x":1,"x":2}}"#);
+        let err = tool_call(&routes(true), &twice).unwrap_err();
+        assert_eq!((err.kind(), err.field()), ("bad_request", "body.opts.x"));
+        let big = format!(r#"{{"text":"{}"}}"#, "a".repeat(MAX_BODY_BYTES));
+        let err = tool_call(&routes(true), &check("POST", "/sms/p", &h, &big)).unwrap_err();
+        assert_eq!((err.kind(), err.field()), ("bad_request", "body"));
+        assert!(err.to_string().contains("65536-byte limit"), "{err}");
+        let fits = format!(r#"{{"text":"{}"}}"#, "a".repeat(MAX_BODY_BYTES - 20));
+        assert!(tool_call(&routes(true), &check("POST", "/sms/p", &h, &fits)).is_ok());
+    }
+
+    #[test]
+    fn body_numbers_are_fingerprinted_as_sent() {
+        let h = [ID, ("x-casf-role", "nurse")];
+        let call = |body: &str| {
+            tool_call(&routes(true), &check("POST", "/sms/p", &h, body))
+                .unwrap()
+                .fingerprint()
+        };
+        let a = call(r#"{"n":123456789012345678901234567890}"#);
+        assert_ne!(a, call(r#"{"n":123456789012345678901234567891}"#));
+        assert_eq!(a, call(r#"{ "n" : 123456789012345678901234567890 }"#));
+    }
+
+    #[test]
     fn bodies_that_are_not_whole_json_objects_are_bad_requests() {
         let h = [ID, ("x-casf-role", "nurse")];
         for body in ["not json", "[1, 2]", "{\"a\": "] {
@@ -486,6 +542,10 @@ routes:
         }
         let err = tool_call(&routes(true), &short).unwrap_err();
         assert!(err.to_string().contains("cut short"), "{err}");
+        assert!(
+            err.to_string().contains("limit of both doors anyway"),
+            "{err}"
+        );
         let mut not_forwarded = check("POST", "/sms/p", &h, "");
         if let Some(http) = not_forwarded
             .attributes

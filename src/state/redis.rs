@@ -50,11 +50,19 @@ end
 return redis.call('GET', KEYS[1])
 ";
 
-/// Deletes the key only while it still holds this exact pending record, so a
-/// stored decision (or somebody else's claim) is never removed.
-/// KEYS[1] claim key; ARGV[1] pending record.
+/// Deletes the key only while it holds a pending claim for this fingerprint
+/// and, when ARGV[2] is not empty, this owner: a stored decision, or
+/// somebody else's claim, is never removed.
+/// KEYS[1] claim key; ARGV[1] fingerprint; ARGV[2] owner or ''.
 const RELEASE_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  return 0
+end
+local ok, record = pcall(cjson.decode, stored)
+if ok and type(record) == 'table' and record.state == 'pending'
+    and record.fingerprint == ARGV[1]
+    and (ARGV[2] == '' or record.owner == ARGV[2]) then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -72,6 +80,7 @@ return count
 ";
 
 /// A Lua script with its SHA-1, for EVALSHA.
+#[derive(Clone)]
 struct Script {
     lua: &'static str,
     sha1: String,
@@ -86,13 +95,16 @@ impl Script {
     }
 }
 
-/// What `casf:req:<id>` holds. Serialised deterministically (struct field
-/// order), so the release script can compare a pending record byte for byte.
+/// What `casf:req:<id>` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 enum Record {
     Pending {
         fingerprint: String,
+        /// Random per claim, so that the cleanup of a claim that timed out
+        /// on our side removes that claim only, never a retry's.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        owner: String,
     },
     Done {
         fingerprint: String,
@@ -101,9 +113,10 @@ enum Record {
 }
 
 impl Record {
-    fn pending(fingerprint: &str) -> Result<String, StateError> {
+    fn pending(fingerprint: &str, owner: &str) -> Result<String, StateError> {
         encode(&Record::Pending {
             fingerprint: fingerprint.to_owned(),
+            owner: owner.to_owned(),
         })
     }
 }
@@ -119,6 +132,7 @@ fn judge(stored: Record, fingerprint: &str) -> Claim {
     match stored {
         Record::Pending {
             fingerprint: stored,
+            ..
         } if stored == fingerprint => Claim::Pending,
         Record::Done {
             fingerprint: stored,
@@ -267,39 +281,83 @@ impl RedisState {
         format!("{REPLAY_KEY_PREFIX}{}", request_id.as_str())
     }
 
-    /// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends.
-    async fn bounded<T>(
-        &self,
-        operation: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StateError> {
-        match tokio::time::timeout(COMMAND_TIMEOUT, operation).await {
-            Ok(result) => result.map_err(state_error),
-            Err(_) => Err(StateError::Timeout),
-        }
-    }
-
-    /// EVALSHA, or EVAL when Redis no longer has the script cached (after a
-    /// restart); EVAL caches it again.
+    /// EVALSHA, or EVAL when Redis no longer has the script cached.
     async fn run(
         &self,
         script: &Script,
         key: String,
         args: Vec<Value>,
     ) -> Result<Value, StateError> {
-        let client = self.client.with_options(&self.options);
-        self.bounded(async {
-            match client
-                .evalsha::<Value, _, _, _>(script.sha1.as_str(), key.as_str(), args.clone())
-                .await
-            {
-                Err(error) if is_noscript(&error) => {
-                    client.eval(script.lua, key.as_str(), args).await
-                }
-                other => other,
-            }
-        })
-        .await
+        run_script(&self.client, &self.options, script, key, args).await
     }
+
+    /// Removes, in the background, a claim whose `SET NX` timed out on our
+    /// side: Redis may still execute it later (it was queued behind a slow
+    /// command, or Redis was paused), and it would then block every retry of
+    /// this `request_id` with `Inv_ReplayConcurrent` for the pending TTL.
+    /// The release goes out on the same connection after the claim, so Redis
+    /// runs it after the claim whenever that runs; it deletes only a claim
+    /// with our owner token. Retried until it gets an answer, for at most
+    /// the pending TTL (after which the claim has expired anyway).
+    fn release_late_claim(&self, key: String, fingerprint: &str, owner: String) {
+        let client = self.client.clone();
+        let options = self.options.clone();
+        let script = self.release.clone();
+        let args = vec![Value::from(fingerprint), Value::from(owner)];
+        let give_up = tokio::time::Instant::now() + self.pending_ttl;
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(u64::from(RECONNECT_MIN_DELAY_MS));
+            loop {
+                let released =
+                    run_script(&client, &options, &script, key.clone(), args.clone()).await;
+                match released {
+                    Ok(_) => return,
+                    Err(error) if tokio::time::Instant::now() + delay < give_up => {
+                        tracing::debug!(%error, "releasing a timed-out claim: retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2)
+                            .min(Duration::from_millis(u64::from(RECONNECT_MAX_DELAY_MS)));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not release a timed-out claim; it expires with the pending TTL");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends.
+async fn bounded<T>(
+    operation: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, StateError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, operation).await {
+        Ok(result) => result.map_err(state_error),
+        Err(_) => Err(StateError::Timeout),
+    }
+}
+
+/// EVALSHA, or EVAL when Redis no longer has the script cached (after a
+/// restart); EVAL caches it again.
+async fn run_script(
+    client: &Client,
+    options: &Options,
+    script: &Script,
+    key: String,
+    args: Vec<Value>,
+) -> Result<Value, StateError> {
+    let client = client.with_options(options);
+    bounded(async {
+        match client
+            .evalsha::<Value, _, _, _>(script.sha1.as_str(), key.as_str(), args.clone())
+            .await
+        {
+            Err(error) if is_noscript(&error) => client.eval(script.lua, key.as_str(), args).await,
+            other => other,
+        }
+    })
+    .await
 }
 
 #[async_trait]
@@ -309,12 +367,19 @@ impl ReplayGuard for RedisState {
     }
 
     async fn claim(&self, request_id: &RequestId, fingerprint: &str) -> Result<Claim, StateError> {
+        let owner = uuid::Uuid::new_v4().simple().to_string();
         let args = vec![
-            Value::from(Record::pending(fingerprint)?),
+            Value::from(Record::pending(fingerprint, &owner)?),
             Value::from(seconds(self.pending_ttl)),
         ];
-        let reply = self.run(&self.claim, Self::key(request_id), args).await?;
-        claim_from_reply(reply, fingerprint)
+        match self.run(&self.claim, Self::key(request_id), args).await {
+            Ok(reply) => claim_from_reply(reply, fingerprint),
+            Err(StateError::Timeout) => {
+                self.release_late_claim(Self::key(request_id), fingerprint, owner);
+                Err(StateError::Timeout)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn complete(
@@ -330,15 +395,14 @@ impl ReplayGuard for RedisState {
         let client = self.client.with_options(&self.options);
         // XX: only over our claim. If the claim is gone (expired, or deleted
         // by an operator) the id is free again and nothing is stored.
-        let stored: Option<String> = self
-            .bounded(client.set(
-                Self::key(request_id),
-                record,
-                Some(Expiration::EX(seconds(self.replay_ttl))),
-                Some(SetOptions::XX),
-                false,
-            ))
-            .await?;
+        let stored: Option<String> = bounded(client.set(
+            Self::key(request_id),
+            record,
+            Some(Expiration::EX(seconds(self.replay_ttl))),
+            Some(SetOptions::XX),
+            false,
+        ))
+        .await?;
         if stored.is_none() {
             tracing::warn!(request_id = %request_id.as_str(), "claim vanished before the decision was stored; the request_id may be decided again");
         }
@@ -346,7 +410,8 @@ impl ReplayGuard for RedisState {
     }
 
     async fn release(&self, request_id: &RequestId, fingerprint: &str) -> Result<(), StateError> {
-        let args = vec![Value::from(Record::pending(fingerprint)?)];
+        // Any owner: only the holder of the claim releases it this way.
+        let args = vec![Value::from(fingerprint), Value::from("")];
         self.run(&self.release, Self::key(request_id), args)
             .await
             .map(drop)
@@ -354,7 +419,7 @@ impl ReplayGuard for RedisState {
 
     async fn ping(&self) -> Result<(), StateError> {
         let client = self.client.with_options(&self.options);
-        self.bounded(client.ping::<Value>(None)).await.map(drop)
+        bounded(client.ping::<Value>(None)).await.map(drop)
     }
 }
 
@@ -397,6 +462,7 @@ mod tests {
     fn stored_records_are_judged_like_the_memory_store() {
         let pending = Record::Pending {
             fingerprint: "f1".into(),
+            owner: "o1".into(),
         };
         let done = Record::Done {
             fingerprint: "f1".into(),
@@ -440,10 +506,19 @@ mod tests {
     }
 
     #[test]
-    fn pending_record_is_byte_stable_for_compare_and_delete() {
+    fn pending_records_carry_their_owner_and_old_ones_still_read() {
         assert_eq!(
-            Record::pending("abc").unwrap(),
-            r#"{"state":"pending","fingerprint":"abc"}"#
+            Record::pending("abc", "o1").unwrap(),
+            r#"{"state":"pending","fingerprint":"abc","owner":"o1"}"#
+        );
+        // Written by a version without owners: still a pending claim.
+        assert_eq!(
+            claim_from_reply(
+                Value::from(r#"{"state":"pending","fingerprint":"abc"}"#),
+                "abc"
+            )
+            .unwrap(),
+            Claim::Pending
         );
     }
 

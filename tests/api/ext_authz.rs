@@ -573,3 +573,71 @@ async fn reflection_lists_the_services_and_resolves_every_file_they_need() {
     assert!(seen.contains("envoy/service/auth/v3/attribute_context.proto"));
     assert!(seen.contains("google/rpc/status.proto"));
 }
+
+#[tokio::test]
+async fn ambiguous_checks_are_bad_requests_like_on_verify() {
+    let app = spawn_app().await;
+    let big = format!(r#"{{"amount": 1, "memo": "{}"}}"#, "x".repeat(64 * 1024));
+    let cases = [
+        (
+            "/stripe/patients/p-1/invoices",
+            r#"{"amount": 1, "amount": 2}"#.to_owned(),
+            "body.amount",
+        ),
+        ("/stripe/patients/p-1/invoices", big, "body"),
+        (
+            "/stripe/patients/%2e%2e/invoices",
+            r#"{"amount": 1}"#.to_owned(),
+            "path.patient_id",
+        ),
+        (
+            "/stripe/patients/p%2F1/invoices",
+            r#"{"amount": 1}"#.to_owned(),
+            "path.patient_id",
+        ),
+        (
+            "/stripe/patients/p-1%E2%80%8B/invoices",
+            r#"{"amount": 1}"#.to_owned(),
+            "subject.patient_id",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let response = call(
+            &app,
+            check(
+                "POST",
+                path,
+                &[("x-request-id", &fresh_id())],
+                &body,
+                nurse(),
+            ),
+        )
+        .await;
+        assert_eq!(code(&response), INVALID_ARGUMENT, "{path}");
+        let (status, error) = denied(&response);
+        assert_eq!(
+            (status, error["field"].as_str()),
+            (400, Some(field)),
+            "{path}: {error}"
+        );
+    }
+    assert!(app.audit_rows().await.is_empty(), "nothing was decided");
+
+    // Integers that differ beyond a double are two payloads on this door too.
+    let id = fresh_id();
+    let invoice = |amount: &str| {
+        check(
+            "POST",
+            "/stripe/patients/p-1/invoices",
+            &[("x-request-id", &id)],
+            &format!(r#"{{"amount": {amount}}}"#),
+            nurse(),
+        )
+    };
+    call(&app, invoice("123456789012345678901234567890")).await;
+    let changed = call(&app, invoice("123456789012345678901234567891")).await;
+    assert_eq!(
+        meta(&changed, "violations"),
+        json!(["Inv_ReplayPayloadMismatch"])
+    );
+}

@@ -6,6 +6,7 @@
 
 mod audit;
 mod contract;
+mod disconnect;
 mod ext_authz;
 mod helpers;
 mod opa_policy;

@@ -389,3 +389,73 @@ fn json_logs_are_one_object_a_line_and_bad_formats_refuse_to_start() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// With `CASF_DECISION_LOG=true`, each decision is one log line that names
+/// its request (through the decision's span) and carries no patient data.
+#[tokio::test]
+async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = binary()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CASF_LOG_FORMAT", "json")
+        .env("CASF_DECISION_LOG", "true")
+        .env("CASF_HTTP_ADDR", "127.0.0.1:0")
+        .env("CASF_GRPC_ADDR", "127.0.0.1:0")
+        .env("CASF_AUDIT_SQLITE", dir.path().join("a.db"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<Value>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(serde_json::from_str(&line).expect("a JSON log line"));
+        }
+    });
+    let wait = std::time::Duration::from_secs(30);
+    let next_matching = |pred: &dyn Fn(&Value) -> bool| loop {
+        let line = lines_rx.recv_timeout(wait).expect("the expected log line");
+        if pred(&line) {
+            return line;
+        }
+    };
+    let ready = next_matching(&|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("casf-verifier ready"))
+    });
+    let http = ready["http"].as_str().unwrap().to_owned();
+
+    let request_id = format!("decision-log-{}", uuid::Uuid::new_v4());
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/verify"))
+        .json(&json!({
+            "request_id": request_id, "tool": "twilio.send_sms", "mode": "ALLOW",
+            "role": "nurse", "subject": {"patient_id": "pat-secret-9"},
+            "args": {"text": "private-reminder-text"}, "context": {"tenant_id": "clinic-a"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let line = next_matching(&|l| l["target"] == "casf_decision");
+    assert_eq!(line["span"]["request_id"], request_id.as_str(), "{line}");
+    assert_eq!(line["door"], "http");
+    assert_eq!(line["tool"], "twilio.send_sms");
+    assert_eq!(line["role"], "nurse");
+    assert_eq!(line["decision"], "ALLOW");
+    assert_eq!(
+        line["audit_hash"].as_str().map(str::len),
+        Some(64),
+        "{line}"
+    );
+    let text = line.to_string();
+    for private in ["pat-secret-9", "private-reminder-text", "clinic-a"] {
+        assert!(
+            !text.contains(private),
+            "{private} in the decision log: {text}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -395,3 +395,45 @@ async fn redis_unreachable_at_boot_starts_degraded_and_recovers() {
         "ALLOW"
     );
 }
+
+#[tokio::test]
+async fn a_claim_that_timed_out_but_ran_late_does_not_block_the_retry() {
+    use fred::prelude::ClientLike;
+    use fred::types::CustomCommand;
+
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[("REDIS_URL", url.as_str())]).await;
+    let admin = redis_client(&url).await;
+    let body = request("cliniccloud.create_appointment", "ALLOW");
+    // Loads the claim script, so the paused claim is an EVALSHA that Redis
+    // runs late (on an empty script cache it would fail with NOSCRIPT).
+    let warm_up = request("cliniccloud.create_appointment", "ALLOW");
+    assert_eq!(app.decide(&warm_up).await["decision"], "ALLOW");
+
+    // Redis holds every command for 700 ms: the claim times out on our side
+    // (200 ms), the write fails closed, and Redis runs the claim afterwards.
+    let pause = CustomCommand::new_static("CLIENT", None::<u16>, false);
+    admin
+        .custom::<fred::prelude::Value, _>(pause, vec!["PAUSE", "700", "ALL"])
+        .await
+        .expect("CLIENT PAUSE");
+    let denied = app.decide(&body).await;
+    assert_eq!(
+        violations(&denied),
+        ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"]
+    );
+
+    // Once Redis is back, a retry gets a real decision well within the
+    // 30 s pending TTL that the late claim would otherwise have held.
+    let started = std::time::Instant::now();
+    let retried = loop {
+        let decision = app.decide(&body).await;
+        if decision["decision"] == "ALLOW" || started.elapsed() > Duration::from_secs(10) {
+            break decision;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(retried["decision"], "ALLOW", "{retried}");
+    assert!(violations(&retried).is_empty(), "{retried}");
+}

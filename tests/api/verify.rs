@@ -415,3 +415,128 @@ async fn rejected_requests_are_neither_decided_nor_audited() {
     assert_eq!(app.metric("casf_verify_total").await, before);
     assert!(app.audit_rows().await.is_empty());
 }
+
+#[tokio::test]
+async fn only_json_bodies_are_decided_others_are_415() {
+    let app = spawn_app().await;
+    let body = request("cliniccloud.summary_history", "ALLOW").to_string();
+    let post = |content_type: Option<&'static str>| {
+        let mut call = app
+            .client
+            .post(format!("{}/verify", app.base))
+            .body(body.clone());
+        if let Some(content_type) = content_type {
+            call = call.header("content-type", content_type);
+        }
+        call.send()
+    };
+    for refused in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/json; charset=latin1"),
+        Some("application/jsonx"),
+    ] {
+        let response = post(refused).await.expect("POST");
+        assert_eq!(response.status(), 415, "{refused:?}");
+        let error: Value = response.json().await.expect("JSON error");
+        assert!(error["detail"].as_str().is_some(), "{error}");
+    }
+    for accepted in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=\"UTF-8\"",
+    ] {
+        let response = post(Some(accepted)).await.expect("POST");
+        assert_eq!(response.status(), 200, "{accepted}");
+    }
+    let before = app.audit_rows().await.len();
+    assert_eq!(before, 3, "only the accepted bodies were decided");
+}
+
+#[tokio::test]
+async fn a_key_given_twice_anywhere_is_422_naming_it() {
+    let app = spawn_app().await;
+    let body = request("twilio.send_sms", "ALLOW").to_string();
+    let cases = [
+        (
+            body.replacen(
+                r#""mode":"ALLOW""#,
+                r#""mode":"KILL_SWITCH","mode":"ALLOW""#,
+                1,
+            ),
+            "mode",
+        ),
+        (body.replacen(r#""n":3"#, r#""n":3,"n":4"#, 1), "args.n"),
+        (
+            body.replacen(
+                r#""tenant_id":"t-1""#,
+                r#""tenant_id":"t-1","tenant_\u0069d":"t-2""#,
+                1,
+            ),
+            "context.tenant_id",
+        ),
+    ];
+    for (raw, field) in cases {
+        assert_ne!(raw, body, "the case must change the body");
+        let response = app.post_raw(raw.clone()).await;
+        assert_eq!(response.status(), 422, "{raw}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["field"], field, "{error}");
+        assert_eq!(error["reason"], "duplicate key", "{error}");
+    }
+    assert!(app.audit_rows().await.is_empty());
+}
+
+#[tokio::test]
+async fn one_patient_cannot_be_spelled_two_ways_to_dodge_the_sms_limit() {
+    let app = spawn_app().await;
+    let patient = format!("pat-{}", fresh_id());
+    let mut first = request("twilio.send_sms", "ALLOW");
+    first["subject"]["patient_id"] = json!(patient);
+    assert_eq!(app.decide(&first).await["decision"], "ALLOW");
+    for spelled in [
+        format!("{patient} "),
+        format!(" {patient}"),
+        format!("\u{200B}{patient}"),
+        patient.replacen('-', "-\u{200D}", 1),
+        format!("{patient}\u{FEFF}"),
+    ] {
+        let mut again = request("twilio.send_sms", "ALLOW");
+        again["subject"]["patient_id"] = json!(spelled);
+        let (status, error) = app.verify(&again).await;
+        assert_eq!(status, 422, "{spelled:?}: {error}");
+        assert_eq!(error["field"], "subject.patient_id", "{error}");
+    }
+    let mut id = request("twilio.send_sms", "ALLOW");
+    id["request_id"] = json!(format!("{} ", fresh_id()));
+    assert_eq!(app.verify(&id).await.1["field"], "request_id");
+    let mut tenant = request("twilio.send_sms", "ALLOW");
+    tenant["context"]["tenant_id"] = json!("t-1\u{2060}");
+    assert_eq!(app.verify(&tenant).await.1["field"], "context.tenant_id");
+}
+
+#[tokio::test]
+async fn amounts_that_differ_beyond_a_double_are_different_payloads() {
+    let app = spawn_app().await;
+    let body = request("stripe.generate_invoice", "ALLOW").to_string();
+    let with = |amount: &str| body.replacen(r#""n":3"#, &format!(r#""n":{amount}"#), 1);
+    let first = app.post_raw(with("123456789012345678901234567890")).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    let replay: Value = app
+        .post_raw(with("123456789012345678901234567890"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replay, first, "the same amount replays");
+    let changed: Value = app
+        .post_raw(with("123456789012345678901234567891"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(violations(&changed), ["Inv_ReplayPayloadMismatch"]);
+}
