@@ -14,6 +14,7 @@ mod operator;
 mod pg;
 mod postgres_audit;
 mod production;
+mod properties_pg;
 mod redis_state;
 mod servers;
 mod verify;
