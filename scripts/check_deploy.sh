@@ -37,9 +37,10 @@ install() {
     apt-get -q -y -o DPkg::Lock::Timeout=300 update >/dev/null
     apt-get -q -y -o DPkg::Lock::Timeout=300 install --no-install-recommends kubectl >/dev/null
   fi
+  # Run as modules of this python3, so no PATH or pyenv shim is needed.
   local missing=()
-  command -v check-jsonschema >/dev/null || missing+=(check-jsonschema)
-  command -v kubernetes-validate >/dev/null || missing+=(kubernetes-validate)
+  python3 -c 'import check_jsonschema' 2>/dev/null || missing+=(check-jsonschema)
+  python3 -c 'import kubernetes_validate' 2>/dev/null || missing+=(kubernetes-validate)
   if ((${#missing[@]})); then
     log "installing ${missing[*]} (pip)"
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
@@ -49,7 +50,7 @@ install() {
 # validate_k8s FILE: fails on any resource that does not pass; a kind with
 # no schema (a CRD) is a warning only.
 validate_k8s() {
-  kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$1"
+  python3 -m kubernetes_validate --strict --quiet -k "$K8S_VERSION" "$1"
 }
 
 install
@@ -57,9 +58,9 @@ install
 # ---------------------------------------------------------------- compose
 compose=$REPO/deploy/compose/docker-compose.yml
 sed 's/^services:/servicez:/' "$compose" >"$TMP/broken-compose.yml"
-! check-jsonschema --builtin-schema vendor.compose-spec "$TMP/broken-compose.yml" >/dev/null 2>&1 \
+! python3 -m check_jsonschema --builtin-schema vendor.compose-spec "$TMP/broken-compose.yml" >/dev/null 2>&1 \
   || die "check-jsonschema accepted a compose file with an unknown top-level key"
-check-jsonschema --builtin-schema vendor.compose-spec "$compose" >/dev/null \
+python3 -m check_jsonschema --builtin-schema vendor.compose-spec "$compose" >/dev/null \
   || die "$compose does not match the Compose Specification"
 log "ok: deploy/compose/docker-compose.yml matches the Compose Specification"
 
