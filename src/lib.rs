@@ -16,6 +16,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;
+pub mod mode_floor;
 pub mod pipeline;
 pub mod policy;
 pub mod startup;

@@ -139,6 +139,11 @@ struct RejectionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     /// `git rev-parse --short HEAD` at build time, `CASF_BUILD_COMMIT` when
@@ -340,6 +345,7 @@ pub struct Metrics {
     audit_failures: Family<KindLabels, Counter>,
     door_rejections: Family<RejectionLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
+    mode_floor: Family<ModeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -365,6 +371,7 @@ impl Metrics {
             audit_failures: Family::default(),
             door_rejections: Family::default(),
             build_info: Family::default(),
+            mode_floor: Family::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -484,6 +491,12 @@ impl Metrics {
                 commit: env!("CASF_BUILD_COMMIT"),
             })
             .set(1);
+        registry.register(
+            "casf_mode_floor",
+            "The operator's mode floor: 1 for the mode in force, 0 for the others",
+            m.mode_floor.clone(),
+        );
+        m.mode_floor(crate::domain::Mode::Allow);
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
@@ -548,6 +561,17 @@ impl Metrics {
 
     /// One `twilio.send_sms` denied with `Inv_NoSmsBurst` by the limit
     /// itself (not when the limiter failed: that is a fail-closed).
+    /// Shows `mode` as the floor in force (every mode has a series).
+    pub fn mode_floor(&self, mode: crate::domain::Mode) {
+        for each in crate::domain::Mode::ALL {
+            self.mode_floor
+                .get_or_create(&ModeLabels {
+                    mode: each.as_str(),
+                })
+                .set(i64::from(*each == mode));
+        }
+    }
+
     pub fn sms_limited(&self) {
         self.sms_limited.inc();
     }

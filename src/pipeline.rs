@@ -27,6 +27,7 @@ use crate::audit::writer::AuditWriter;
 use crate::audit::{AppendReceipt, NewEvent};
 use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
 use crate::metrics::{Door, Metrics, Trigger};
+use crate::mode_floor::{ModeFloor, stricter};
 use crate::policy::PolicyEngine;
 use crate::state::{Claim, RateLimiter, ReplayGuard};
 
@@ -59,6 +60,9 @@ pub struct Verdict {
     pub response: VerifyResponse,
     /// The audit event of this decision, when it was appended.
     pub audit: Option<AppendReceipt>,
+    /// The mode the decision ran under, when the operator's floor made it
+    /// stricter than the caller's (doors show it as `x-casf-mode-applied`).
+    pub floor_applied: Option<Mode>,
 }
 
 pub struct Pipeline {
@@ -70,6 +74,7 @@ pub struct Pipeline {
     audit: Option<AuditWriter>,
     metrics: Arc<Metrics>,
     sms_limit: SmsLimit,
+    floor: Arc<ModeFloor>,
 }
 
 /// Violations in stage order, without duplicates, plus what failed closed.
@@ -118,6 +123,18 @@ fn internal_error() -> VerifyResponse {
     )
 }
 
+/// Why a floor of `mode` denies `tool` outright, for a stored ALLOW that
+/// must not be replayed past it: the invariants' codes, and the policy's
+/// deny for a write in STEP_UP.
+fn floor_denial(mode: Mode, tool: Tool) -> Option<&'static str> {
+    match mode {
+        Mode::KillSwitch => Some(violation::MODE_KILL_SWITCH),
+        Mode::ReadOnly if tool.is_write() => Some(violation::MODE_READ_ONLY_NO_WRITE),
+        Mode::StepUp if tool.is_write() => Some(violation::OPA_DENY),
+        _ => None,
+    }
+}
+
 /// Turns a panic while polling the inner future into `Err(())`. The future
 /// is not polled again after that; only [`Progress`] is read.
 struct CatchUnwind<F>(Pin<Box<F>>);
@@ -151,7 +168,15 @@ impl Pipeline {
             audit,
             metrics,
             sms_limit,
+            floor: Arc::new(ModeFloor::default()),
         }
+    }
+
+    /// Decides under `floor` (see [`crate::mode_floor`]); ALLOW otherwise.
+    pub fn with_mode_floor(mut self, floor: Arc<ModeFloor>) -> Self {
+        self.metrics.mode_floor(floor.get());
+        self.floor = floor;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -185,6 +210,7 @@ impl Pipeline {
                 Verdict {
                     response: internal_error(),
                     audit: None,
+                    floor_applied: None,
                 }
             }
         }
@@ -242,6 +268,11 @@ impl Pipeline {
         let fingerprint = request.fingerprint_of(&input);
         progress.fingerprint.clone_from(&fingerprint);
         let mut findings = Findings::default();
+        // The operator's floor, read once as the decision starts. The
+        // fingerprint stays the caller's request: a retry after the floor
+        // moves is the same request, not a mismatch.
+        let mode = stricter(request.mode, self.floor.get());
+        let floor_applied = (mode != request.mode).then_some(mode);
 
         // 1. Anti-replay gate.
         if let Some(guard) = &self.replay {
@@ -249,7 +280,20 @@ impl Pipeline {
                 Ok(Claim::Claimed) => progress.claimed = true,
                 Ok(Claim::Cached(response)) => {
                     self.metrics.replay_hit();
-                    return self.audited(request, input, REPLAY_ACTION, response).await;
+                    // A stored ALLOW is not replayed past a floor that now
+                    // forbids the call: no ALLOW after the kill switch.
+                    let (response, floor_applied) =
+                        match floor_applied.and_then(|mode| floor_denial(mode, request.tool)) {
+                            Some(code) if response.decision == Decision::Allow => {
+                                (VerifyResponse::deny(code), floor_applied)
+                            }
+                            _ => (response, None),
+                        };
+                    let mut verdict = self
+                        .audited_under(request, input, REPLAY_ACTION, response, floor_applied)
+                        .await;
+                    verdict.floor_applied = floor_applied;
+                    return verdict;
                 }
                 Ok(Claim::Mismatch) => {
                     self.metrics.replay_mismatch();
@@ -274,7 +318,7 @@ impl Pipeline {
         // 2. Hard invariants. A kill switch stops reads too, so that it
         // holds even when the policy engine is down and reads run rules-only.
         let mut allowed_outputs = Vec::new();
-        match request.mode {
+        match mode {
             Mode::KillSwitch => findings.push(violation::MODE_KILL_SWITCH),
             Mode::ReadOnly if request.tool.is_write() => {
                 findings.push(violation::MODE_READ_ONLY_NO_WRITE)
@@ -285,8 +329,16 @@ impl Pipeline {
             _ => {}
         }
 
-        // 3. Policy.
-        match self.policy.evaluate(&input).await {
+        // 3. Policy, under the mode in force.
+        let evaluated = match floor_applied {
+            None => self.policy.evaluate(&input).await,
+            Some(mode) => {
+                let mut raised = input.clone();
+                raised["mode"] = json!(mode.as_str());
+                self.policy.evaluate(&raised).await
+            }
+        };
+        match evaluated {
             Ok(verdict) if !verdict.allow && verdict.violations.is_empty() => {
                 findings.push(violation::OPA_DENY)
             }
@@ -328,12 +380,22 @@ impl Pipeline {
         // 5. Audit, then 6. remember the answer for replays. A fail-closed
         // deny is not remembered: once the dependency is back, a retry with
         // the same request_id deserves a real decision.
-        let verdict = self
-            .audited(request, input, request.tool.as_str(), response)
+        let mut verdict = self
+            .audited_under(
+                request,
+                input,
+                request.tool.as_str(),
+                response,
+                floor_applied,
+            )
             .await;
-        progress.audited = Some((verdict.clone(), failed_closed));
+        verdict.floor_applied = floor_applied;
+        // A decision the floor changed is not remembered either: once the
+        // operator lowers it, a retry deserves the caller's own decision.
+        let transient = failed_closed || floor_applied.is_some();
+        progress.audited = Some((verdict.clone(), transient));
         if progress.claimed {
-            self.store_or_release(request, &fingerprint, &verdict, failed_closed)
+            self.store_or_release(request, &fingerprint, &verdict, transient)
                 .await;
         }
         verdict
@@ -369,12 +431,28 @@ impl Pipeline {
         request: &VerifyRequest,
         input: serde_json::Value,
         action: &str,
+        response: VerifyResponse,
+    ) -> Verdict {
+        self.audited_under(request, input, action, response, None)
+            .await
+    }
+
+    /// [`Self::audited`], recording the mode the decision ran under when the
+    /// operator's floor raised the caller's (`mode_applied` in the payload,
+    /// beside the request's own `mode`).
+    async fn audited_under(
+        &self,
+        request: &VerifyRequest,
+        input: serde_json::Value,
+        action: &str,
         mut response: VerifyResponse,
+        floor_applied: Option<Mode>,
     ) -> Verdict {
         let Some(writer) = &self.audit else {
             return Verdict {
                 response,
                 audit: None,
+                floor_applied: None,
             };
         };
         let event = NewEvent::now(
@@ -382,12 +460,20 @@ impl Pipeline {
             format!("role:{}", request.role),
             action,
             response.decision.as_str(),
-            json!({"request": request.completed(input), "response": response}),
+            match floor_applied {
+                None => json!({"request": request.completed(input), "response": response}),
+                Some(mode) => json!({
+                    "request": request.completed(input),
+                    "response": response,
+                    "mode_applied": mode.as_str(),
+                }),
+            },
         );
         match writer.append(event).await {
             Ok(receipt) => Verdict {
                 response,
                 audit: Some(receipt),
+                floor_applied: None,
             },
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
@@ -396,6 +482,7 @@ impl Pipeline {
                 Verdict {
                     response,
                     audit: None,
+                    floor_applied: None,
                 }
             }
         }

@@ -174,6 +174,7 @@ mod tests {
                 id: 7,
                 hash: "ab12".into(),
             }),
+            floor_applied: None,
         }
     }
 
