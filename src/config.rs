@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::state::DEFAULT_PENDING_TTL;
 pub use crate::telemetry::LogFormat;
+pub use crate::tls::ClientTls;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid {var}: {reason}")]
@@ -75,14 +76,50 @@ pub const VARIABLES: &[Variable] = &[
         "REDIS_URL",
         "redis-url",
         "unset: in-process state",
-        "redis://[:password@]host:port/db for anti-replay and the SMS limit",
+        "redis://[:password@]host:port/db (rediss:// for TLS) for anti-replay and the SMS limit",
     )),
+    var(
+        "CASF_REDIS_CA",
+        "redis-ca",
+        "unset: system CA certificates",
+        "PEM CA file that signs the rediss:// server's certificate",
+    ),
+    var(
+        "CASF_REDIS_CERT",
+        "redis-cert",
+        "unset: no client certificate",
+        "PEM client certificate for rediss:// (with CASF_REDIS_KEY)",
+    ),
+    var(
+        "CASF_REDIS_KEY",
+        "redis-key",
+        "unset",
+        "PEM private key of CASF_REDIS_CERT",
+    ),
     secret(var(
         "OPA_URL",
         "opa-url",
         "unset: embedded regorus",
-        "OPA base URL (http://); one POST /v1/data/casf per decision",
+        "OPA base URL (http:// or https://); one POST /v1/data/casf per decision",
     )),
+    var(
+        "CASF_OPA_CA",
+        "opa-ca",
+        "unset: system CA certificates",
+        "PEM CA file that signs the https:// OPA server's certificate",
+    ),
+    var(
+        "CASF_OPA_CERT",
+        "opa-cert",
+        "unset: no client certificate",
+        "PEM client certificate for https:// OPA (with CASF_OPA_KEY)",
+    ),
+    var(
+        "CASF_OPA_KEY",
+        "opa-key",
+        "unset",
+        "PEM private key of CASF_OPA_CERT",
+    ),
     var(
         "ANTI_REPLAY_ENABLED",
         "anti-replay-enabled",
@@ -267,7 +304,7 @@ pub enum PolicyBackend {
     /// `regorus`, loading every `.rego` in the directory.
     Embedded { dir: PathBuf },
     /// An OPA server's REST API at this base URL.
-    Opa { url: String },
+    Opa { url: String, tls: ClientTls },
 }
 
 /// Where anti-replay and rate-limit state lives.
@@ -279,6 +316,7 @@ pub enum StateBackend {
     },
     Redis {
         url: String,
+        tls: ClientTls,
     },
 }
 
@@ -297,9 +335,10 @@ impl std::fmt::Debug for PolicyBackend {
             PolicyBackend::Embedded { dir } => {
                 f.debug_struct("Embedded").field("dir", dir).finish()
             }
-            PolicyBackend::Opa { url } => f
+            PolicyBackend::Opa { url, tls } => f
                 .debug_struct("Opa")
                 .field("url", &redact_url(url))
+                .field("tls", tls)
                 .finish(),
         }
     }
@@ -312,9 +351,10 @@ impl std::fmt::Debug for StateBackend {
                 .debug_struct("Memory")
                 .field("max_keys", max_keys)
                 .finish(),
-            StateBackend::Redis { url } => f
+            StateBackend::Redis { url, tls } => f
                 .debug_struct("Redis")
                 .field("url", &redact_url(url))
+                .field("tls", tls)
                 .finish(),
         }
     }
@@ -410,9 +450,15 @@ impl Settings {
             },
         };
         let policy = match get("OPA_URL")? {
-            Some(url) => PolicyBackend::Opa {
-                url: parse_http_url("OPA_URL", &url)?,
-            },
+            Some(url) => {
+                let url = parse_http_url("OPA_URL", &url)?;
+                let tls = client_tls(
+                    &get,
+                    ("CASF_OPA_CA", "CASF_OPA_CERT", "CASF_OPA_KEY"),
+                    ("OPA_URL", url.starts_with("https://"), "https://"),
+                )?;
+                PolicyBackend::Opa { url, tls }
+            }
             None => PolicyBackend::Embedded {
                 dir: get("CASF_POLICY_DIR")?
                     .map(PathBuf::from)
@@ -421,7 +467,12 @@ impl Settings {
         };
         let state = match get("REDIS_URL")? {
             Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                StateBackend::Redis { url }
+                let tls = client_tls(
+                    &get,
+                    ("CASF_REDIS_CA", "CASF_REDIS_CERT", "CASF_REDIS_KEY"),
+                    ("REDIS_URL", url.starts_with("rediss://"), "rediss://"),
+                )?;
+                StateBackend::Redis { url, tls }
             }
             Some(_) => return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL")),
             None => StateBackend::Memory {
@@ -487,10 +538,10 @@ impl Settings {
         if let AuditBackend::Postgres { dsn } = &self.audit {
             secrets.extend(secrets_of_dsn(dsn));
         }
-        if let StateBackend::Redis { url } = &self.state {
+        if let StateBackend::Redis { url, .. } = &self.state {
             secrets.extend(secret_of(url));
         }
-        if let PolicyBackend::Opa { url } = &self.policy {
+        if let PolicyBackend::Opa { url, .. } = &self.policy {
             secrets.extend(secret_of(url));
         }
         secrets
@@ -500,13 +551,13 @@ impl Settings {
     pub fn describe_backends(&self) -> String {
         let policy = match &self.policy {
             PolicyBackend::Embedded { dir } => format!("embedded regorus ({})", dir.display()),
-            PolicyBackend::Opa { url } => format!("OPA REST ({})", redact_url(url)),
+            PolicyBackend::Opa { url, .. } => format!("OPA REST ({})", redact_url(url)),
         };
         let state = match &self.state {
             StateBackend::Memory { max_keys } => {
                 format!("in-process memory (at most {max_keys} keys)")
             }
-            StateBackend::Redis { url } => format!("Redis ({})", redact_url(url)),
+            StateBackend::Redis { url, .. } => format!("Redis ({})", redact_url(url)),
         };
         let audit = match (&self.audit, self.audit_disabled) {
             (_, true) => "DISABLED (CASF_DISABLE_AUDIT=1, never in production)".to_owned(),
@@ -519,6 +570,38 @@ impl Settings {
             "off".to_owned()
         };
         format!("policy={policy} state={state} audit={audit} anti_replay={replay}")
+    }
+}
+
+type Lookup<'a> = dyn Fn(&'static str) -> Result<Option<String>, ConfigError> + 'a;
+
+/// A backend's `(CA, CERT, KEY)` variables. They are refused unless the
+/// backend's URL (`url_var`) uses TLS (`tls`, scheme `scheme`): a CA that is
+/// silently ignored would look like protection that is not there.
+fn client_tls(
+    get: &Lookup<'_>,
+    (ca, cert, key): (&'static str, &'static str, &'static str),
+    (url_var, tls, scheme): (&'static str, bool, &'static str),
+) -> Result<ClientTls, ConfigError> {
+    let files = ClientTls {
+        ca: get(ca)?.map(PathBuf::from),
+        cert: get(cert)?.map(PathBuf::from),
+        key: get(key)?.map(PathBuf::from),
+    };
+    if !tls && !files.is_empty() {
+        let set = [(ca, &files.ca), (cert, &files.cert), (key, &files.key)]
+            .into_iter()
+            .find_map(|(var, value)| value.as_ref().map(|_| var))
+            .unwrap_or(ca);
+        return Err(invalid(
+            set,
+            format!("is set but {url_var} does not use {scheme}"),
+        ));
+    }
+    match (&files.cert, &files.key) {
+        (Some(_), None) => Err(invalid(key, format!("must be set with {cert}"))),
+        (None, Some(_)) => Err(invalid(cert, format!("must be set with {key}"))),
+        _ => Ok(files),
     }
 }
 
@@ -792,6 +875,39 @@ mod tests {
         let err = settings(&[("PG_DSN", "host=pg password=hunter2 nonsense=hunter2")]).unwrap_err();
         assert_eq!(err.var, "PG_DSN");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_url_and_come_in_pairs() {
+        let s = settings(&[
+            ("REDIS_URL", "rediss://:pw@redis:6380/0"),
+            ("CASF_REDIS_CA", "/etc/casf/redis-ca.pem"),
+            ("OPA_URL", "https://opa:8181"),
+            ("CASF_OPA_CERT", "/etc/casf/opa.pem"),
+            ("CASF_OPA_KEY", "/etc/casf/opa.key"),
+        ])
+        .unwrap();
+        let StateBackend::Redis { tls, .. } = &s.state else {
+            panic!("{s:?}")
+        };
+        assert_eq!(tls.ca.as_deref(), Some("/etc/casf/redis-ca.pem".as_ref()));
+        let PolicyBackend::Opa { tls, .. } = &s.policy else {
+            panic!("{s:?}")
+        };
+        assert!(tls.ca.is_none() && tls.cert.is_some() && tls.key.is_some());
+        // A CA for a plaintext URL would be silently unused: refused.
+        let err = settings(&[
+            ("REDIS_URL", "redis://redis:6379/0"),
+            ("CASF_REDIS_CA", "/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "CASF_REDIS_CA");
+        assert!(err.to_string().contains("rediss://"), "{err}");
+        let err = settings(&[("OPA_URL", "http://opa:8181"), ("CASF_OPA_KEY", "/k")]).unwrap_err();
+        assert_eq!(err.var, "CASF_OPA_KEY");
+        let err =
+            settings(&[("OPA_URL", "https://opa:8181"), ("CASF_OPA_CERT", "/c.pem")]).unwrap_err();
+        assert_eq!(err.var, "CASF_OPA_KEY");
     }
 
     #[test]

@@ -21,3 +21,4 @@ pub mod policy;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod tls;

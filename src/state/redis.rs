@@ -11,6 +11,7 @@
 //! at boot (`/healthz` is 503 and writes fail closed until it is back).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,11 +19,13 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
     LuaInterface, Options, ReconnectPolicy, SetOptions, Value,
 };
+use fred::types::config::{ServerConfig, TlsConfig, TlsConnector};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
 use super::{Claim, RateLimiter, ReplayGuard, StateError};
 use crate::domain::{RequestId, VerifyResponse};
+use crate::tls::{ClientTls, ProbeError};
 
 /// Budget of one state operation, retries and script reloads included (guide §6).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -158,6 +161,23 @@ fn state_error(error: RedisError) -> StateError {
     }
 }
 
+/// One handshake before fred takes over: fred retries a failed handshake
+/// forever, which would hide a certificate that does not verify behind
+/// "reconnecting". An unreachable server is left to fred's retries.
+async fn probe_certificate(
+    config: Arc<rustls::ClientConfig>,
+    host: String,
+    port: u16,
+) -> Result<(), RedisSetupError> {
+    let probe = tokio::task::spawn_blocking(move || {
+        crate::tls::probe_handshake(config, &host, port, CONNECT_TIMEOUT)
+    });
+    match probe.await {
+        Ok(Err(ProbeError::Handshake(reason))) => Err(RedisSetupError::Certificate(reason)),
+        Ok(Err(ProbeError::Unreachable(_))) | Ok(Ok(())) | Err(_) => Ok(()),
+    }
+}
+
 fn is_noscript(error: &RedisError) -> bool {
     error.details().starts_with("NOSCRIPT")
 }
@@ -170,10 +190,12 @@ fn seconds(ttl: Duration) -> i64 {
 /// Why the Redis client could not be set up at all (a bad `REDIS_URL`).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
-    #[error(
-        "REDIS_URL uses rediss:// but this build has no TLS support; refusing to send the password in clear"
-    )]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
+    /// The server's certificate did not verify at startup: a configuration
+    /// error (or an impostor), not an outage to wait out.
+    #[error("Redis TLS: handshake with the server failed: {0}")]
+    Certificate(String),
     #[error("REDIS_URL is not a usable Redis URL: {0}")]
     InvalidUrl(String),
 }
@@ -181,7 +203,8 @@ pub enum RedisSetupError {
 impl RedisSetupError {
     pub fn kind(&self) -> &'static str {
         match self {
-            RedisSetupError::TlsUnsupported => "tls_unsupported",
+            RedisSetupError::Tls(_) => "tls",
+            RedisSetupError::Certificate(_) => "certificate",
             RedisSetupError::InvalidUrl(_) => "invalid_url",
         }
     }
@@ -205,15 +228,23 @@ impl RedisState {
     /// the client keeps reconnecting in the background.
     pub async fn connect(
         url: &str,
+        tls: &ClientTls,
         replay_ttl: Duration,
         pending_ttl: Duration,
     ) -> Result<Self, RedisSetupError> {
-        if url.starts_with("rediss://") {
-            return Err(RedisSetupError::TlsUnsupported);
-        }
         // The URL parser's messages do not echo the URL, so no secret leaks.
         let mut config =
             Config::from_url(url).map_err(|e| RedisSetupError::InvalidUrl(e.details().into()))?;
+        if config.tls.is_some() {
+            // Our roots and client certificate, on the process's one provider,
+            // in place of fred's default (system roots only).
+            let tls_config = Arc::new(crate::tls::client_config("Redis", tls)?);
+            if let ServerConfig::Centralized { server } = &config.server {
+                probe_certificate(tls_config.clone(), server.host.to_string(), server.port).await?;
+            }
+            let connector = TlsConnector::from(Arc::unwrap_or_clone(tls_config));
+            config.tls = Some(TlsConfig::from(connector));
+        }
         // Unreachable at boot is not fatal: keep trying in the background.
         config.fail_fast = false;
         let client = Builder::from_config(config)
@@ -479,13 +510,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tls_urls_are_refused_rather_than_sent_in_clear() {
+    async fn rediss_needs_a_readable_ca_file() {
+        crate::tls::install_crypto_provider();
+        let tls = ClientTls {
+            ca: Some("/nonexistent/redis-ca.pem".into()),
+            ..ClientTls::default()
+        };
         let refused = RedisState::connect(
             "rediss://:pw@127.0.0.1:6380/0",
+            &tls,
             Duration::from_secs(60),
             Duration::from_secs(1),
         )
         .await;
-        assert!(matches!(refused, Err(RedisSetupError::TlsUnsupported)));
+        let Err(error) = refused else {
+            panic!("a missing CA file was accepted")
+        };
+        assert_eq!(error.kind(), "tls");
+        assert!(error.to_string().starts_with("Redis TLS:"), "{error}");
+        assert!(!error.to_string().contains("pw"), "{error}");
     }
 }

@@ -15,4 +15,5 @@ mod postgres_audit;
 mod production;
 mod redis_state;
 mod servers;
+mod tls;
 mod verify;

@@ -178,7 +178,9 @@ async fn canonical_numbers_survive_postgres_jsonb_unchanged() {
 }
 
 async fn requests_from(base: &str, tenant: &str, count: usize) -> Vec<Value> {
-    let client = reqwest::Client::new();
+    let client = casf_verifier::tls::http_client_builder()
+        .build()
+        .expect("HTTP client");
     futures::stream::iter(0..count)
         .map(|i| {
             let client = client.clone();
