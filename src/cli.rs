@@ -215,12 +215,12 @@ fn check(config: &ConfigArgs) -> ExitCode {
             }
         }
         PolicyBackend::Opa { url, tls } => {
-            if let Err(error) = crate::policy::opa::OpaPolicy::new(url, tls) {
+            if let Err(error) = crate::policy::opa::OpaPolicy::new(url.expose(), tls) {
                 return failed(redactor.redact(&format!("policy: {error}")));
             }
             say(format!(
                 "policy: ok: OPA at {} (configuration only; OPA compiles its own policy)",
-                crate::config::redact_url(url)
+                url.redacted()
             ));
         }
     }

@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::audit::pg_dsn::PgDsn;
+pub use crate::secret::SecretUrl;
 use crate::state::DEFAULT_PENDING_TTL;
 pub use crate::telemetry::LogFormat;
 pub use crate::tls::ClientTls;
@@ -299,78 +301,41 @@ pub fn help_epilogue() -> String {
 }
 
 /// Where policy is evaluated.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyBackend {
     /// `regorus`, loading every `.rego` in the directory.
     Embedded { dir: PathBuf },
     /// An OPA server's REST API at this base URL.
-    Opa { url: String, tls: ClientTls },
+    Opa { url: SecretUrl, tls: ClientTls },
 }
 
 /// Where anti-replay and rate-limit state lives.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateBackend {
     /// In-process, holding at most `max_keys` keys (`CASF_STATE_MAX_KEYS`).
     Memory {
         max_keys: usize,
     },
     Redis {
-        url: String,
+        url: SecretUrl,
         tls: ClientTls,
     },
 }
 
 /// Where the audit trail is written.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditBackend {
-    Sqlite { path: PathBuf },
-    Postgres { dsn: String },
+    Sqlite {
+        path: PathBuf,
+    },
+    /// `PG_DSN`, parsed once here.
+    Postgres {
+        dsn: PgDsn,
+    },
 }
 
-// Debug by hand for the three backends: their URLs and DSN may hold a
-// password, and Debug output ends up in logs and panics.
-impl std::fmt::Debug for PolicyBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PolicyBackend::Embedded { dir } => {
-                f.debug_struct("Embedded").field("dir", dir).finish()
-            }
-            PolicyBackend::Opa { url, tls } => f
-                .debug_struct("Opa")
-                .field("url", &redact_url(url))
-                .field("tls", tls)
-                .finish(),
-        }
-    }
-}
-
-impl std::fmt::Debug for StateBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateBackend::Memory { max_keys } => f
-                .debug_struct("Memory")
-                .field("max_keys", max_keys)
-                .finish(),
-            StateBackend::Redis { url, tls } => f
-                .debug_struct("Redis")
-                .field("url", &redact_url(url))
-                .field("tls", tls)
-                .finish(),
-        }
-    }
-}
-
-impl std::fmt::Debug for AuditBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AuditBackend::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
-            AuditBackend::Postgres { dsn } => f
-                .debug_struct("Postgres")
-                .field("dsn", &Redactor::new(secrets_of_dsn(dsn)).redact(dsn))
-                .finish(),
-        }
-    }
-}
+// Debug is derived: the URL and DSN types print no password (see
+// `crate::secret`), so neither logs nor panics can show one.
 
 /// The ext_authz route map (`CASF_ROUTES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -457,7 +422,10 @@ impl Settings {
                     ("CASF_OPA_CA", "CASF_OPA_CERT", "CASF_OPA_KEY"),
                     ("OPA_URL", url.starts_with("https://"), "https://"),
                 )?;
-                PolicyBackend::Opa { url, tls }
+                PolicyBackend::Opa {
+                    url: SecretUrl::new(url),
+                    tls,
+                }
             }
             None => PolicyBackend::Embedded {
                 dir: get("CASF_POLICY_DIR")?
@@ -472,7 +440,10 @@ impl Settings {
                     ("CASF_REDIS_CA", "CASF_REDIS_CERT", "CASF_REDIS_KEY"),
                     ("REDIS_URL", url.starts_with("rediss://"), "rediss://"),
                 )?;
-                StateBackend::Redis { url, tls }
+                StateBackend::Redis {
+                    url: SecretUrl::new(url),
+                    tls,
+                }
             }
             Some(_) => return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL")),
             None => StateBackend::Memory {
@@ -485,10 +456,9 @@ impl Settings {
             },
         };
         let audit = match get("PG_DSN")? {
-            Some(dsn) => {
-                crate::audit::pg_dsn::parse(&dsn).map_err(|e| invalid("PG_DSN", e.to_string()))?;
-                AuditBackend::Postgres { dsn }
-            }
+            Some(dsn) => AuditBackend::Postgres {
+                dsn: PgDsn::parse(&dsn).map_err(|e| invalid("PG_DSN", e.to_string()))?,
+            },
             None => AuditBackend::Sqlite {
                 path: get("CASF_AUDIT_SQLITE")?
                     .map(PathBuf::from)
@@ -536,13 +506,13 @@ impl Settings {
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         if let AuditBackend::Postgres { dsn } = &self.audit {
-            secrets.extend(secrets_of_dsn(dsn));
+            secrets.extend(dsn.password_forms());
         }
         if let StateBackend::Redis { url, .. } = &self.state {
-            secrets.extend(secret_of(url));
+            secrets.extend(url.password_forms());
         }
         if let PolicyBackend::Opa { url, .. } = &self.policy {
-            secrets.extend(secret_of(url));
+            secrets.extend(url.password_forms());
         }
         secrets
     }
@@ -551,13 +521,13 @@ impl Settings {
     pub fn describe_backends(&self) -> String {
         let policy = match &self.policy {
             PolicyBackend::Embedded { dir } => format!("embedded regorus ({})", dir.display()),
-            PolicyBackend::Opa { url, .. } => format!("OPA REST ({})", redact_url(url)),
+            PolicyBackend::Opa { url, .. } => format!("OPA REST ({})", url.redacted()),
         };
         let state = match &self.state {
             StateBackend::Memory { max_keys } => {
                 format!("in-process memory (at most {max_keys} keys)")
             }
-            StateBackend::Redis { url, .. } => format!("Redis ({})", redact_url(url)),
+            StateBackend::Redis { url, .. } => format!("Redis ({})", url.redacted()),
         };
         let audit = match (&self.audit, self.audit_disabled) {
             (_, true) => "DISABLED (CASF_DISABLE_AUDIT=1, never in production)".to_owned(),
@@ -650,54 +620,6 @@ fn parse_http_url(var: &'static str, raw: &str) -> Result<String, ConfigError> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
-/// The password in `scheme://user:password@host` or a libpq `password=...` pair.
-fn secret_of(dsn: &str) -> Option<String> {
-    if let Some(rest) = dsn.split_once("://").map(|(_, rest)| rest) {
-        let userinfo = rest.split_once('@')?.0;
-        let password = userinfo.split_once(':')?.1;
-        return (!password.is_empty()).then(|| password.to_owned());
-    }
-    crate::audit::pg_dsn::password_of_pairs(dsn)
-}
-
-/// Every form in which a DSN's password could show up in text: as written,
-/// and percent-decoded for URLs (what the server and driver see).
-pub fn secrets_of_dsn(dsn: &str) -> Vec<String> {
-    let Some(secret) = secret_of(dsn) else {
-        return Vec::new();
-    };
-    let decoded = percent_decode(&secret);
-    let mut secrets = vec![secret];
-    if let Some(decoded) = decoded.filter(|d| !secrets.contains(d)) {
-        secrets.push(decoded);
-    }
-    secrets
-}
-
-/// `%XX` escapes decoded; `None` if that is not valid UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// A path as configured, plus the absolute path it resolved to when it was
 /// relative, so an error says where the process really looked.
 pub fn shown_path(path: &std::path::Path) -> String {
@@ -710,15 +632,9 @@ pub fn shown_path(path: &std::path::Path) -> String {
     }
 }
 
-/// `url` with any password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    match secret_of(url) {
-        Some(secret) => url.replace(&secret, "***"),
-        None => url.to_owned(),
-    }
-}
-
-/// Masks configured secrets in text shown to operators (logs, `/healthz`).
+/// Masks configured secrets in text that comes from elsewhere (a driver's
+/// or a server's error message), as a second line behind the secret types:
+/// what this crate prints itself never holds a secret to begin with.
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
     secrets: Vec<String>,
@@ -856,22 +772,25 @@ mod tests {
             "auth failed for ***"
         );
         assert_eq!(
-            secret_of("postgres://casf:pw@127.0.0.1/casf").as_deref(),
-            Some("pw")
+            PgDsn::parse("postgres://casf:pw@127.0.0.1/casf")
+                .unwrap()
+                .password_forms(),
+            vec!["pw"]
         );
     }
 
     #[test]
     fn dsn_secrets_cover_quoted_and_percent_encoded_passwords() {
+        let forms = |dsn: &str| PgDsn::parse(dsn).unwrap().password_forms();
         assert_eq!(
-            secrets_of_dsn("postgres://casf:p%40ss@127.0.0.1/casf"),
+            forms("postgres://casf:p%40ss@127.0.0.1/casf"),
             vec!["p%40ss", "p@ss"]
         );
         assert_eq!(
-            secrets_of_dsn("user=casf password='two words' host=pg"),
+            forms("user=casf password='two words' host=pg"),
             vec!["two words"]
         );
-        assert!(secrets_of_dsn("user=casf host=pg").is_empty());
+        assert!(forms("user=casf host=pg").is_empty());
         let err = settings(&[("PG_DSN", "host=pg password=hunter2 nonsense=hunter2")]).unwrap_err();
         assert_eq!(err.var, "PG_DSN");
         assert!(!err.to_string().contains("hunter2"), "{err}");
@@ -943,6 +862,28 @@ mod tests {
         for secret in ["S3cret", "r3dis", "0pa"] {
             assert!(!debug.contains(secret), "{debug}");
         }
+        // The libpq form, TLS URLs, percent-encoding, and the alternate Debug.
+        let s = settings(&[
+            (
+                "PG_DSN",
+                "host=pg user=casf password='Pg S3cret' sslmode=verify-full sslrootcert=/ca.pem",
+            ),
+            ("REDIS_URL", "rediss://casf:R3dis%21pw@redis:6380/0"),
+            ("CASF_REDIS_CA", "/etc/casf/ca.pem"),
+            ("OPA_URL", "https://u:0pa-Pw@opa:8181/"),
+        ])
+        .unwrap();
+        for debug in [format!("{s:?}"), format!("{s:#?}")] {
+            for secret in ["Pg S3cret", "R3dis", "0pa-Pw"] {
+                assert!(!debug.contains(secret), "{debug}");
+            }
+            assert!(debug.contains("rediss://casf:***@redis:6380/0"), "{debug}");
+            assert!(debug.contains("VerifyFull"), "{debug}");
+        }
+        assert_eq!(
+            s.secrets(),
+            vec!["Pg S3cret", "R3dis%21pw", "R3dis!pw", "0pa-Pw"]
+        );
         let args = ConfigArgs::from_pairs(&[("PG_DSN", "postgres://casf:S3cret@pg/casf")]);
         assert!(!format!("{args:?}").contains("S3cret"));
         assert!(

@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod secret;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -84,7 +84,7 @@ pub async fn migrate_audit_log(backend: &AuditBackend) -> Result<(), StartupErro
 fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {
     match backend {
         PolicyBackend::Embedded { dir } => Ok(Arc::new(EmbeddedPolicy::load(dir)?)),
-        PolicyBackend::Opa { url, tls } => Ok(Arc::new(OpaPolicy::new(url, tls)?)),
+        PolicyBackend::Opa { url, tls } => Ok(Arc::new(OpaPolicy::new(url.expose(), tls)?)),
     }
 }
 
@@ -112,8 +112,13 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
         }
         StateBackend::Redis { url, tls } => {
             let state = Arc::new(
-                RedisState::connect(url, tls, settings.anti_replay_ttl, settings.pending_ttl)
-                    .await?,
+                RedisState::connect(
+                    url.expose(),
+                    tls,
+                    settings.anti_replay_ttl,
+                    settings.pending_ttl,
+                )
+                .await?,
             );
             Ok(StateStore {
                 replay: state.clone(),
