@@ -204,8 +204,9 @@ pub struct OpaServer {
     client: reqwest::Client,
     /// Its stderr: tracebacks of requests the app gave up on are expected noise.
     log: tempfile::NamedTempFile,
-    /// `(certificate, key)`: serve HTTPS.
-    tls: Option<(PathBuf, PathBuf)>,
+    /// `(certificate, key, client CA)`: serve HTTPS, requiring a client
+    /// certificate when a client CA is given.
+    tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
 }
 
 impl OpaServer {
@@ -213,12 +214,13 @@ impl OpaServer {
         Self::start_with(None).await
     }
 
-    /// The server over HTTPS with this certificate and key.
-    pub async fn start_tls(cert: PathBuf, key: PathBuf) -> Self {
-        Self::start_with(Some((cert, key))).await
+    /// The server over HTTPS with this certificate and key, requiring a
+    /// client certificate signed by `client_ca` if given.
+    pub async fn start_tls(cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>) -> Self {
+        Self::start_with(Some((cert, key, client_ca))).await
     }
 
-    async fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Self {
+    async fn start_with(tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>) -> Self {
         let mut server = OpaServer {
             port: free_port(),
             child: None,
@@ -251,12 +253,15 @@ impl OpaServer {
             .arg("--policies")
             .arg(root.join("policies"))
             .args(["--addr", &format!("127.0.0.1:{}", self.port)]);
-        if let Some((cert, key)) = &self.tls {
+        if let Some((cert, key, client_ca)) = &self.tls {
             command
                 .arg("--tls-cert")
                 .arg(cert)
                 .arg("--tls-key")
                 .arg(key);
+            if let Some(ca) = client_ca {
+                command.arg("--tls-client-ca").arg(ca);
+            }
         }
         let mut child = command
             .stdout(Stdio::piped())

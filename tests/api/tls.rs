@@ -133,7 +133,11 @@ impl TestPki {
 #[tokio::test]
 async fn postgres_with_verify_full_and_no_plaintext() {
     let pki = TestPki::new();
-    let cluster = PrivateCluster::start_tls(&pki.path("server.pem"), &pki.path("server.key"));
+    let cluster = PrivateCluster::start_tls(
+        &pki.path("server.pem"),
+        &pki.path("server.key"),
+        &pki.path("ca.pem"),
+    );
     let (pw, port) = (cluster.password().to_owned(), cluster.port());
     let url = |host: &str, query: &str| {
         format!("postgres://postgres:{pw}@{host}:{port}/postgres?{query}")
@@ -187,6 +191,31 @@ async fn postgres_with_verify_full_and_no_plaintext() {
         text.contains("PostgreSQL") && text.contains("not valid for name"),
         "{text}"
     );
+
+    // A client certificate instead of a password (pg_hba `cert` for role
+    // `client`): sslcert and sslkey are presented.
+    let pool = crate::pg::connect(&good_url).await;
+    sqlx::query("CREATE ROLE client LOGIN SUPERUSER")
+        .execute(&pool)
+        .await
+        .expect("create role client");
+    pool.close().await;
+    let as_client = |extra: &str| {
+        format!(
+            "host=127.0.0.1 port={port} dbname=postgres user=client \
+             sslmode=verify-full sslrootcert={ca}{extra}"
+        )
+    };
+    let with_cert = as_client(&format!(
+        " sslcert={} sslkey={}",
+        pki.shown("client.pem"),
+        pki.shown("client.key")
+    ));
+    let out = cli(&with_cert, &["migrate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let out = cli(&as_client(""), &["migrate"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(printed(&out).contains("PostgreSQL"), "{}", printed(&out));
 
     // The libpq key=value form serves decisions and writes the audit trail.
     let key_value = format!(
@@ -277,7 +306,7 @@ async fn redis_over_tls_with_a_client_certificate() {
 #[tokio::test]
 async fn opa_over_https() {
     let pki = TestPki::new();
-    let opa = OpaServer::start_tls(pki.path("server.pem"), pki.path("server.key")).await;
+    let opa = OpaServer::start_tls(pki.path("server.pem"), pki.path("server.key"), None).await;
     let url = opa.url();
     assert!(url.starts_with("https://"));
     let ca = pki.shown("ca.pem");
@@ -300,4 +329,39 @@ async fn opa_over_https() {
         text.contains("opa") && text.contains("certificate"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn opa_over_https_with_a_client_certificate() {
+    let pki = TestPki::new();
+    let opa = OpaServer::start_tls(
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        Some(pki.path("ca.pem")),
+    )
+    .await;
+    let url = opa.url();
+    let (ca, cert, key) = (
+        pki.shown("ca.pem"),
+        pki.shown("client.pem"),
+        pki.shown("client.key"),
+    );
+    let app = spawn_app_with(&[
+        ("OPA_URL", url.as_str()),
+        ("CASF_OPA_CA", ca.as_str()),
+        ("CASF_OPA_CERT", cert.as_str()),
+        ("CASF_OPA_KEY", key.as_str()),
+    ])
+    .await;
+    let decision = app
+        .decide(&request("cliniccloud.list_appointments", "ALLOW"))
+        .await;
+    assert_eq!(decision["decision"], "ALLOW", "{decision}");
+
+    // Without the client certificate OPA refuses the connection: no
+    // decision is made from it, and the verifier says OPA is unavailable.
+    let app = spawn_app_with(&[("OPA_URL", url.as_str()), ("CASF_OPA_CA", ca.as_str())]).await;
+    let (status, health) = app.get("/healthz").await;
+    assert_eq!(status, 503, "{health}");
+    assert!(health.contains("opa"), "{health}");
 }
