@@ -33,6 +33,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
 const BOOT_CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Budget for opening a TCP connection and the AUTH/SELECT that follow it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The TLS probe's budget when a health check finds Redis unavailable.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection with a command unanswered this long is dropped and reopened
 /// (a half-open TCP connection would otherwise time out every command forever).
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
@@ -161,20 +163,21 @@ fn state_error(error: RedisError) -> StateError {
     }
 }
 
-/// One handshake before fred takes over: fred retries a failed handshake
-/// forever, which would hide a certificate that does not verify behind
-/// "reconnecting". An unreachable server is left to fred's retries.
-async fn probe_certificate(
-    config: Arc<rustls::ClientConfig>,
-    host: String,
-    port: u16,
-) -> Result<(), RedisSetupError> {
-    let probe = tokio::task::spawn_blocking(move || {
-        crate::tls::probe_handshake(config, &host, port, CONNECT_TIMEOUT)
-    });
-    match probe.await {
-        Ok(Err(ProbeError::Handshake(reason))) => Err(RedisSetupError::Certificate(reason)),
-        Ok(Err(ProbeError::Unreachable(_))) | Ok(Ok(())) | Err(_) => Ok(()),
+impl TlsProbe {
+    /// One handshake of our own, and why it failed if it was refused; `None`
+    /// when it succeeded or the server could not be reached (an outage,
+    /// which fred's reconnecting already reports). Used at startup, since
+    /// fred retries a failed handshake forever, and by the health check.
+    async fn handshake_failure(&self, timeout: Duration) -> Option<String> {
+        let probe = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::tls::probe_handshake(probe.config, &probe.host, probe.port, timeout)
+        })
+        .await;
+        match outcome {
+            Ok(Err(ProbeError::Handshake(reason))) => Some(reason),
+            Ok(Err(ProbeError::Unreachable(_))) | Ok(Ok(())) | Err(_) => None,
+        }
     }
 }
 
@@ -220,6 +223,17 @@ pub struct RedisState {
     hit: Script,
     replay_ttl: Duration,
     pending_ttl: Duration,
+    /// With `rediss://`: what a health check needs to say why a TLS
+    /// connection cannot be made (fred only reports "reconnecting").
+    tls_probe: Option<TlsProbe>,
+}
+
+/// The TLS configuration and the server it was probed against.
+#[derive(Clone)]
+struct TlsProbe {
+    config: Arc<rustls::ClientConfig>,
+    host: String,
+    port: u16,
 }
 
 impl RedisState {
@@ -235,12 +249,21 @@ impl RedisState {
         // The URL parser's messages do not echo the URL, so no secret leaks.
         let mut config =
             Config::from_url(url).map_err(|e| RedisSetupError::InvalidUrl(e.details().into()))?;
+        let mut tls_probe = None;
         if config.tls.is_some() {
             // Our roots and client certificate, on the process's one provider,
             // in place of fred's default (system roots only).
             let tls_config = Arc::new(crate::tls::client_config("Redis", tls)?);
             if let ServerConfig::Centralized { server } = &config.server {
-                probe_certificate(tls_config.clone(), server.host.to_string(), server.port).await?;
+                let probe = TlsProbe {
+                    config: tls_config.clone(),
+                    host: server.host.to_string(),
+                    port: server.port,
+                };
+                if let Some(reason) = probe.handshake_failure(CONNECT_TIMEOUT).await {
+                    return Err(RedisSetupError::Certificate(reason));
+                }
+                tls_probe = Some(probe);
             }
             let connector = TlsConnector::from(Arc::unwrap_or_clone(tls_config));
             config.tls = Some(TlsConfig::from(connector));
@@ -291,6 +314,7 @@ impl RedisState {
             hit: Script::new(HIT_LUA),
             replay_ttl,
             pending_ttl,
+            tls_probe,
         })
     }
 
@@ -385,7 +409,17 @@ impl ReplayGuard for RedisState {
 
     async fn ping(&self) -> Result<(), StateError> {
         let client = self.client.with_options(&self.options);
-        self.bounded(client.ping::<Value>(None)).await.map(drop)
+        let result = self.bounded(client.ping::<Value>(None)).await.map(drop);
+        if let (Err(StateError::Unavailable(_) | StateError::Timeout), Some(probe)) =
+            (&result, &self.tls_probe)
+            // Within the health check's own 2 s budget.
+            && let Some(reason) = probe.handshake_failure(HEALTH_PROBE_TIMEOUT).await
+        {
+            return Err(StateError::Unavailable(format!(
+                "TLS handshake failed: {reason}"
+            )));
+        }
+        result
     }
 }
 

@@ -17,7 +17,8 @@ use casf_verifier::config::Settings;
 use casf_verifier::startup::Application;
 
 /// A test CA, a server certificate it signed (localhost and 127.0.0.1), a
-/// client certificate it signed, and an unrelated CA.
+/// client certificate it signed, an unrelated CA, and a server certificate
+/// for the same names signed by that one (an impostor).
 struct TestPki {
     dir: tempfile::TempDir,
 }
@@ -64,12 +65,12 @@ impl TestPki {
                 ],
             );
         }
-        for (name, ext) in [
-            (
-                "server",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-            ),
-            ("client", "extendedKeyUsage=clientAuth\n"),
+        let server_ext = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+        for (name, ext, ca) in [
+            ("server", server_ext, "ca"),
+            ("client", "extendedKeyUsage=clientAuth\n", "ca"),
+            // Right names, wrong issuer: a server impersonated on the network.
+            ("impostor", server_ext, "wrong-ca"),
         ] {
             std::fs::write(d.join(format!("{name}.ext")), ext).expect("extensions file");
             openssl(
@@ -97,9 +98,9 @@ impl TestPki {
                     "-in",
                     &format!("{name}.csr"),
                     "-CA",
-                    "ca.pem",
+                    &format!("{ca}.pem"),
                     "-CAkey",
-                    "ca.key",
+                    &format!("{ca}.key"),
                     "-CAcreateserial",
                     "-days",
                     "2",
@@ -247,12 +248,12 @@ async fn postgres_with_verify_full_and_no_plaintext() {
 #[tokio::test]
 async fn redis_over_tls_with_a_client_certificate() {
     let pki = TestPki::new();
-    let redis = RedisServer::start_tls(
-        pki.path("server.pem"),
-        pki.path("server.key"),
-        pki.path("ca.pem"),
-    )
-    .await;
+    // Copies, so that the test can swap the served certificate later.
+    let (served_cert, served_key) = (pki.path("served.pem"), pki.path("served.key"));
+    std::fs::copy(pki.path("server.pem"), &served_cert).expect("copy certificate");
+    std::fs::copy(pki.path("server.key"), &served_key).expect("copy key");
+    let mut redis =
+        RedisServer::start_tls(served_cert.clone(), served_key.clone(), pki.path("ca.pem")).await;
     let url = redis.url();
     assert!(url.starts_with("rediss://"));
     let (ca, cert, key) = (
@@ -275,11 +276,32 @@ async fn redis_over_tls_with_a_client_certificate() {
     let (status, health) = app.get("/healthz").await;
     assert_eq!(status, 200, "{health}");
 
-    // A wrong CA refuses to start, naming Redis and the certificate.
-    let wrong = pki.shown("wrong-ca.pem");
+    // The server turns impostor (its certificate now from another CA): the
+    // running verifier reports Redis unhealthy and says why.
+    std::fs::copy(pki.path("impostor.pem"), &served_cert).expect("swap certificate");
+    std::fs::copy(pki.path("impostor.key"), &served_key).expect("swap key");
+    redis.restart().await;
+    wait_until(
+        Duration::from_secs(10),
+        "/healthz names the TLS failure",
+        || async {
+            let (status, health) = app.get("/healthz").await;
+            status == 503 && health.contains("TLS handshake failed")
+        },
+    )
+    .await;
+    let (_, health) = app.get("/healthz").await;
+    assert!(
+        health.contains("redis") && health.contains("certificate"),
+        "{health}"
+    );
+    assert!(!health.contains(&redis.password), "{health}");
+
+    // And a verifier starting now, against the impostor, refuses to start,
+    // naming Redis and the certificate.
     let vars = [
         ("REDIS_URL", url.as_str()),
-        ("CASF_REDIS_CA", wrong.as_str()),
+        ("CASF_REDIS_CA", ca.as_str()),
         ("CASF_REDIS_CERT", cert.as_str()),
         ("CASF_REDIS_KEY", key.as_str()),
         ("CASF_HTTP_ADDR", "127.0.0.1:0"),
