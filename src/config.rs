@@ -532,7 +532,9 @@ impl Settings {
         let audit = match (&self.audit, self.audit_disabled) {
             (_, true) => "DISABLED (CASF_DISABLE_AUDIT=1, never in production)".to_owned(),
             (AuditBackend::Sqlite { path }, false) => format!("SQLite ({})", path.display()),
-            (AuditBackend::Postgres { .. }, false) => "PostgreSQL (PG_DSN)".to_owned(),
+            (AuditBackend::Postgres { dsn }, false) => {
+                format!("PostgreSQL (PG_DSN, sslmode={})", dsn.ssl_mode())
+            }
         };
         let replay = if self.anti_replay_enabled {
             format!("on, ttl {}s", self.anti_replay_ttl.as_secs())
@@ -763,6 +765,8 @@ mod tests {
             !line.contains("S3cret") && !line.contains("r3dis") && !line.contains("0pa"),
             "{line}"
         );
+        // libpq's default, which this build honours: TLS if offered.
+        assert!(line.contains("sslmode=prefer"), "{line}");
         let err = settings(&[("REDIS_URL", "http://:pw@x")])
             .unwrap_err()
             .to_string();

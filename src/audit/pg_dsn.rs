@@ -38,6 +38,18 @@ impl PgDsn {
         &self.options
     }
 
+    /// The `sslmode` in effect, in libpq's words, for the startup line.
+    pub fn ssl_mode(&self) -> &'static str {
+        match self.options.get_ssl_mode() {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        }
+    }
+
     /// Every form in which the password could show up in text: as written,
     /// and percent-decoded for URLs (what the server and driver see).
     pub fn password_forms(&self) -> Vec<String> {
