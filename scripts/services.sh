@@ -119,6 +119,8 @@ cmd_install() {
   pg_bin >/dev/null || missing+=(postgresql)
   redis_server_bin >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
+  # The TLS tests make their CA and certificates with the openssl CLI.
+  command -v openssl >/dev/null || missing+=(openssl)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
   install_opa_bindings
   install_envoy

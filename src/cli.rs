@@ -93,6 +93,8 @@ const EXIT_BROKEN: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 2;
 
 pub fn run() -> ExitCode {
+    // Before any backend client exists: sqlx builds its TLS from the default.
+    crate::tls::install_crypto_provider();
     let cli = parse();
     let config = cli.config;
     match cli.command.unwrap_or(Command::Serve) {
@@ -212,13 +214,13 @@ fn check(config: &ConfigArgs) -> ExitCode {
                 }
             }
         }
-        PolicyBackend::Opa { url } => {
-            if let Err(error) = crate::policy::opa::OpaPolicy::new(url) {
+        PolicyBackend::Opa { url, tls } => {
+            if let Err(error) = crate::policy::opa::OpaPolicy::new(url.expose(), tls) {
                 return failed(redactor.redact(&format!("policy: {error}")));
             }
             say(format!(
                 "policy: ok: OPA at {} (configuration only; OPA compiles its own policy)",
-                crate::config::redact_url(url)
+                url.redacted()
             ));
         }
     }

@@ -11,8 +11,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::audit::pg_dsn::PgDsn;
+pub use crate::secret::SecretUrl;
 use crate::state::DEFAULT_PENDING_TTL;
 pub use crate::telemetry::LogFormat;
+pub use crate::tls::ClientTls;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid {var}: {reason}")]
@@ -75,14 +78,50 @@ pub const VARIABLES: &[Variable] = &[
         "REDIS_URL",
         "redis-url",
         "unset: in-process state",
-        "redis://[:password@]host:port/db for anti-replay and the SMS limit",
+        "redis://[:password@]host:port/db (rediss:// for TLS) for anti-replay and the SMS limit",
     )),
+    var(
+        "CASF_REDIS_CA",
+        "redis-ca",
+        "unset: system CA certificates",
+        "PEM CA file that signs the rediss:// server's certificate",
+    ),
+    var(
+        "CASF_REDIS_CERT",
+        "redis-cert",
+        "unset: no client certificate",
+        "PEM client certificate for rediss:// (with CASF_REDIS_KEY)",
+    ),
+    var(
+        "CASF_REDIS_KEY",
+        "redis-key",
+        "unset",
+        "PEM private key of CASF_REDIS_CERT",
+    ),
     secret(var(
         "OPA_URL",
         "opa-url",
         "unset: embedded regorus",
-        "OPA base URL (http://); one POST /v1/data/casf per decision",
+        "OPA base URL (http:// or https://); one POST /v1/data/casf per decision",
     )),
+    var(
+        "CASF_OPA_CA",
+        "opa-ca",
+        "unset: system CA certificates",
+        "PEM CA file that signs the https:// OPA server's certificate",
+    ),
+    var(
+        "CASF_OPA_CERT",
+        "opa-cert",
+        "unset: no client certificate",
+        "PEM client certificate for https:// OPA (with CASF_OPA_KEY)",
+    ),
+    var(
+        "CASF_OPA_KEY",
+        "opa-key",
+        "unset",
+        "PEM private key of CASF_OPA_CERT",
+    ),
     var(
         "ANTI_REPLAY_ENABLED",
         "anti-replay-enabled",
@@ -262,75 +301,41 @@ pub fn help_epilogue() -> String {
 }
 
 /// Where policy is evaluated.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyBackend {
     /// `regorus`, loading every `.rego` in the directory.
     Embedded { dir: PathBuf },
     /// An OPA server's REST API at this base URL.
-    Opa { url: String },
+    Opa { url: SecretUrl, tls: ClientTls },
 }
 
 /// Where anti-replay and rate-limit state lives.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateBackend {
     /// In-process, holding at most `max_keys` keys (`CASF_STATE_MAX_KEYS`).
     Memory {
         max_keys: usize,
     },
     Redis {
-        url: String,
+        url: SecretUrl,
+        tls: ClientTls,
     },
 }
 
 /// Where the audit trail is written.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditBackend {
-    Sqlite { path: PathBuf },
-    Postgres { dsn: String },
+    Sqlite {
+        path: PathBuf,
+    },
+    /// `PG_DSN`, parsed once here.
+    Postgres {
+        dsn: PgDsn,
+    },
 }
 
-// Debug by hand for the three backends: their URLs and DSN may hold a
-// password, and Debug output ends up in logs and panics.
-impl std::fmt::Debug for PolicyBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PolicyBackend::Embedded { dir } => {
-                f.debug_struct("Embedded").field("dir", dir).finish()
-            }
-            PolicyBackend::Opa { url } => f
-                .debug_struct("Opa")
-                .field("url", &redact_url(url))
-                .finish(),
-        }
-    }
-}
-
-impl std::fmt::Debug for StateBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateBackend::Memory { max_keys } => f
-                .debug_struct("Memory")
-                .field("max_keys", max_keys)
-                .finish(),
-            StateBackend::Redis { url } => f
-                .debug_struct("Redis")
-                .field("url", &redact_url(url))
-                .finish(),
-        }
-    }
-}
-
-impl std::fmt::Debug for AuditBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AuditBackend::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
-            AuditBackend::Postgres { dsn } => f
-                .debug_struct("Postgres")
-                .field("dsn", &Redactor::new(secrets_of_dsn(dsn)).redact(dsn))
-                .finish(),
-        }
-    }
-}
+// Debug is derived: the URL and DSN types print no password (see
+// `crate::secret`), so neither logs nor panics can show one.
 
 /// The ext_authz route map (`CASF_ROUTES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -410,9 +415,18 @@ impl Settings {
             },
         };
         let policy = match get("OPA_URL")? {
-            Some(url) => PolicyBackend::Opa {
-                url: parse_http_url("OPA_URL", &url)?,
-            },
+            Some(url) => {
+                let url = parse_http_url("OPA_URL", &url)?;
+                let tls = client_tls(
+                    &get,
+                    ("CASF_OPA_CA", "CASF_OPA_CERT", "CASF_OPA_KEY"),
+                    ("OPA_URL", url.starts_with("https://"), "https://"),
+                )?;
+                PolicyBackend::Opa {
+                    url: SecretUrl::new(url),
+                    tls,
+                }
+            }
             None => PolicyBackend::Embedded {
                 dir: get("CASF_POLICY_DIR")?
                     .map(PathBuf::from)
@@ -421,7 +435,15 @@ impl Settings {
         };
         let state = match get("REDIS_URL")? {
             Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                StateBackend::Redis { url }
+                let tls = client_tls(
+                    &get,
+                    ("CASF_REDIS_CA", "CASF_REDIS_CERT", "CASF_REDIS_KEY"),
+                    ("REDIS_URL", url.starts_with("rediss://"), "rediss://"),
+                )?;
+                StateBackend::Redis {
+                    url: SecretUrl::new(url),
+                    tls,
+                }
             }
             Some(_) => return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL")),
             None => StateBackend::Memory {
@@ -434,10 +456,9 @@ impl Settings {
             },
         };
         let audit = match get("PG_DSN")? {
-            Some(dsn) => {
-                crate::audit::pg_dsn::parse(&dsn).map_err(|e| invalid("PG_DSN", e.to_string()))?;
-                AuditBackend::Postgres { dsn }
-            }
+            Some(dsn) => AuditBackend::Postgres {
+                dsn: PgDsn::parse(&dsn).map_err(|e| invalid("PG_DSN", e.to_string()))?,
+            },
             None => AuditBackend::Sqlite {
                 path: get("CASF_AUDIT_SQLITE")?
                     .map(PathBuf::from)
@@ -485,13 +506,13 @@ impl Settings {
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = Vec::new();
         if let AuditBackend::Postgres { dsn } = &self.audit {
-            secrets.extend(secrets_of_dsn(dsn));
+            secrets.extend(dsn.password_forms());
         }
-        if let StateBackend::Redis { url } = &self.state {
-            secrets.extend(secret_of(url));
+        if let StateBackend::Redis { url, .. } = &self.state {
+            secrets.extend(url.password_forms());
         }
-        if let PolicyBackend::Opa { url } = &self.policy {
-            secrets.extend(secret_of(url));
+        if let PolicyBackend::Opa { url, .. } = &self.policy {
+            secrets.extend(url.password_forms());
         }
         secrets
     }
@@ -500,18 +521,20 @@ impl Settings {
     pub fn describe_backends(&self) -> String {
         let policy = match &self.policy {
             PolicyBackend::Embedded { dir } => format!("embedded regorus ({})", dir.display()),
-            PolicyBackend::Opa { url } => format!("OPA REST ({})", redact_url(url)),
+            PolicyBackend::Opa { url, .. } => format!("OPA REST ({})", url.redacted()),
         };
         let state = match &self.state {
             StateBackend::Memory { max_keys } => {
                 format!("in-process memory (at most {max_keys} keys)")
             }
-            StateBackend::Redis { url } => format!("Redis ({})", redact_url(url)),
+            StateBackend::Redis { url, .. } => format!("Redis ({})", url.redacted()),
         };
         let audit = match (&self.audit, self.audit_disabled) {
             (_, true) => "DISABLED (CASF_DISABLE_AUDIT=1, never in production)".to_owned(),
             (AuditBackend::Sqlite { path }, false) => format!("SQLite ({})", path.display()),
-            (AuditBackend::Postgres { .. }, false) => "PostgreSQL (PG_DSN)".to_owned(),
+            (AuditBackend::Postgres { dsn }, false) => {
+                format!("PostgreSQL (PG_DSN, sslmode={})", dsn.ssl_mode())
+            }
         };
         let replay = if self.anti_replay_enabled {
             format!("on, ttl {}s", self.anti_replay_ttl.as_secs())
@@ -519,6 +542,38 @@ impl Settings {
             "off".to_owned()
         };
         format!("policy={policy} state={state} audit={audit} anti_replay={replay}")
+    }
+}
+
+type Lookup<'a> = dyn Fn(&'static str) -> Result<Option<String>, ConfigError> + 'a;
+
+/// A backend's `(CA, CERT, KEY)` variables. They are refused unless the
+/// backend's URL (`url_var`) uses TLS (`tls`, scheme `scheme`): a CA that is
+/// silently ignored would look like protection that is not there.
+fn client_tls(
+    get: &Lookup<'_>,
+    (ca, cert, key): (&'static str, &'static str, &'static str),
+    (url_var, tls, scheme): (&'static str, bool, &'static str),
+) -> Result<ClientTls, ConfigError> {
+    let files = ClientTls {
+        ca: get(ca)?.map(PathBuf::from),
+        cert: get(cert)?.map(PathBuf::from),
+        key: get(key)?.map(PathBuf::from),
+    };
+    if !tls && !files.is_empty() {
+        let set = [(ca, &files.ca), (cert, &files.cert), (key, &files.key)]
+            .into_iter()
+            .find_map(|(var, value)| value.as_ref().map(|_| var))
+            .unwrap_or(ca);
+        return Err(invalid(
+            set,
+            format!("is set but {url_var} does not use {scheme}"),
+        ));
+    }
+    match (&files.cert, &files.key) {
+        (Some(_), None) => Err(invalid(key, format!("must be set with {cert}"))),
+        (None, Some(_)) => Err(invalid(cert, format!("must be set with {key}"))),
+        _ => Ok(files),
     }
 }
 
@@ -567,54 +622,6 @@ fn parse_http_url(var: &'static str, raw: &str) -> Result<String, ConfigError> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
-/// The password in `scheme://user:password@host` or a libpq `password=...` pair.
-fn secret_of(dsn: &str) -> Option<String> {
-    if let Some(rest) = dsn.split_once("://").map(|(_, rest)| rest) {
-        let userinfo = rest.split_once('@')?.0;
-        let password = userinfo.split_once(':')?.1;
-        return (!password.is_empty()).then(|| password.to_owned());
-    }
-    crate::audit::pg_dsn::password_of_pairs(dsn)
-}
-
-/// Every form in which a DSN's password could show up in text: as written,
-/// and percent-decoded for URLs (what the server and driver see).
-pub fn secrets_of_dsn(dsn: &str) -> Vec<String> {
-    let Some(secret) = secret_of(dsn) else {
-        return Vec::new();
-    };
-    let decoded = percent_decode(&secret);
-    let mut secrets = vec![secret];
-    if let Some(decoded) = decoded.filter(|d| !secrets.contains(d)) {
-        secrets.push(decoded);
-    }
-    secrets
-}
-
-/// `%XX` escapes decoded; `None` if that is not valid UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// A path as configured, plus the absolute path it resolved to when it was
 /// relative, so an error says where the process really looked.
 pub fn shown_path(path: &std::path::Path) -> String {
@@ -627,15 +634,9 @@ pub fn shown_path(path: &std::path::Path) -> String {
     }
 }
 
-/// `url` with any password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    match secret_of(url) {
-        Some(secret) => url.replace(&secret, "***"),
-        None => url.to_owned(),
-    }
-}
-
-/// Masks configured secrets in text shown to operators (logs, `/healthz`).
+/// Masks configured secrets in text that comes from elsewhere (a driver's
+/// or a server's error message), as a second line behind the secret types:
+/// what this crate prints itself never holds a secret to begin with.
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
     secrets: Vec<String>,
@@ -764,6 +765,8 @@ mod tests {
             !line.contains("S3cret") && !line.contains("r3dis") && !line.contains("0pa"),
             "{line}"
         );
+        // libpq's default, which this build honours: TLS if offered.
+        assert!(line.contains("sslmode=prefer"), "{line}");
         let err = settings(&[("REDIS_URL", "http://:pw@x")])
             .unwrap_err()
             .to_string();
@@ -773,25 +776,61 @@ mod tests {
             "auth failed for ***"
         );
         assert_eq!(
-            secret_of("postgres://casf:pw@127.0.0.1/casf").as_deref(),
-            Some("pw")
+            PgDsn::parse("postgres://casf:pw@127.0.0.1/casf")
+                .unwrap()
+                .password_forms(),
+            vec!["pw"]
         );
     }
 
     #[test]
     fn dsn_secrets_cover_quoted_and_percent_encoded_passwords() {
+        let forms = |dsn: &str| PgDsn::parse(dsn).unwrap().password_forms();
         assert_eq!(
-            secrets_of_dsn("postgres://casf:p%40ss@127.0.0.1/casf"),
+            forms("postgres://casf:p%40ss@127.0.0.1/casf"),
             vec!["p%40ss", "p@ss"]
         );
         assert_eq!(
-            secrets_of_dsn("user=casf password='two words' host=pg"),
+            forms("user=casf password='two words' host=pg"),
             vec!["two words"]
         );
-        assert!(secrets_of_dsn("user=casf host=pg").is_empty());
+        assert!(forms("user=casf host=pg").is_empty());
         let err = settings(&[("PG_DSN", "host=pg password=hunter2 nonsense=hunter2")]).unwrap_err();
         assert_eq!(err.var, "PG_DSN");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_url_and_come_in_pairs() {
+        let s = settings(&[
+            ("REDIS_URL", "rediss://:pw@redis:6380/0"),
+            ("CASF_REDIS_CA", "/etc/casf/redis-ca.pem"),
+            ("OPA_URL", "https://opa:8181"),
+            ("CASF_OPA_CERT", "/etc/casf/opa.pem"),
+            ("CASF_OPA_KEY", "/etc/casf/opa.key"),
+        ])
+        .unwrap();
+        let StateBackend::Redis { tls, .. } = &s.state else {
+            panic!("{s:?}")
+        };
+        assert_eq!(tls.ca.as_deref(), Some("/etc/casf/redis-ca.pem".as_ref()));
+        let PolicyBackend::Opa { tls, .. } = &s.policy else {
+            panic!("{s:?}")
+        };
+        assert!(tls.ca.is_none() && tls.cert.is_some() && tls.key.is_some());
+        // A CA for a plaintext URL would be silently unused: refused.
+        let err = settings(&[
+            ("REDIS_URL", "redis://redis:6379/0"),
+            ("CASF_REDIS_CA", "/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "CASF_REDIS_CA");
+        assert!(err.to_string().contains("rediss://"), "{err}");
+        let err = settings(&[("OPA_URL", "http://opa:8181"), ("CASF_OPA_KEY", "/k")]).unwrap_err();
+        assert_eq!(err.var, "CASF_OPA_KEY");
+        let err =
+            settings(&[("OPA_URL", "https://opa:8181"), ("CASF_OPA_CERT", "/c.pem")]).unwrap_err();
+        assert_eq!(err.var, "CASF_OPA_KEY");
     }
 
     #[test]
@@ -827,6 +866,28 @@ mod tests {
         for secret in ["S3cret", "r3dis", "0pa"] {
             assert!(!debug.contains(secret), "{debug}");
         }
+        // The libpq form, TLS URLs, percent-encoding, and the alternate Debug.
+        let s = settings(&[
+            (
+                "PG_DSN",
+                "host=pg user=casf password='Pg S3cret' sslmode=verify-full sslrootcert=/ca.pem",
+            ),
+            ("REDIS_URL", "rediss://casf:R3dis%21pw@redis:6380/0"),
+            ("CASF_REDIS_CA", "/etc/casf/ca.pem"),
+            ("OPA_URL", "https://u:0pa-Pw@opa:8181/"),
+        ])
+        .unwrap();
+        for debug in [format!("{s:?}"), format!("{s:#?}")] {
+            for secret in ["Pg S3cret", "R3dis", "0pa-Pw"] {
+                assert!(!debug.contains(secret), "{debug}");
+            }
+            assert!(debug.contains("rediss://casf:***@redis:6380/0"), "{debug}");
+            assert!(debug.contains("VerifyFull"), "{debug}");
+        }
+        assert_eq!(
+            s.secrets(),
+            vec!["Pg S3cret", "R3dis%21pw", "R3dis!pw", "0pa-Pw"]
+        );
         let args = ConfigArgs::from_pairs(&[("PG_DSN", "postgres://casf:S3cret@pg/casf")]);
         assert!(!format!("{args:?}").contains("S3cret"));
         assert!(

@@ -29,7 +29,7 @@ pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
 /// was wrong, for the operator reading `docker inspect`.
 pub async fn probe(listen: SocketAddr) -> Result<(), String> {
     let url = format!("http://{}/health", probe_addr(listen));
-    let client = reqwest::Client::builder()
+    let client = crate::tls::http_client_builder()
         .timeout(PROBE_TIMEOUT)
         .no_proxy()
         .build()

@@ -84,7 +84,7 @@ pub async fn migrate_audit_log(backend: &AuditBackend) -> Result<(), StartupErro
 fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {
     match backend {
         PolicyBackend::Embedded { dir } => Ok(Arc::new(EmbeddedPolicy::load(dir)?)),
-        PolicyBackend::Opa { url } => Ok(Arc::new(OpaPolicy::new(url)?)),
+        PolicyBackend::Opa { url, tls } => Ok(Arc::new(OpaPolicy::new(url.expose(), tls)?)),
     }
 }
 
@@ -110,9 +110,15 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
                 limiter: state,
             })
         }
-        StateBackend::Redis { url } => {
+        StateBackend::Redis { url, tls } => {
             let state = Arc::new(
-                RedisState::connect(url, settings.anti_replay_ttl, settings.pending_ttl).await?,
+                RedisState::connect(
+                    url.expose(),
+                    tls,
+                    settings.anti_replay_ttl,
+                    settings.pending_ttl,
+                )
+                .await?,
             );
             Ok(StateStore {
                 replay: state.clone(),
@@ -156,6 +162,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+        crate::tls::install_crypto_provider();
         let (routes, routes_summary) = load_routes(&settings.routes)?;
         let policy = build_policy(&settings.policy)?;
         let StateStore {

@@ -209,7 +209,7 @@ impl DoorClient {
 }
 
 fn http_client(connections: usize) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    casf_verifier::tls::http_client_builder()
         .pool_max_idle_per_host(connections)
         .tcp_nodelay(true)
         .build()

@@ -8,11 +8,81 @@
 
 use std::str::FromStr;
 
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct DsnError(String);
+
+/// `PG_DSN`, parsed once at configuration time into connect options. The
+/// text is kept only as a secret, for masking foreign error text; `Debug`
+/// shows where it connects and how, never the password.
+#[derive(Clone)]
+pub struct PgDsn {
+    /// Boxed: the options are large, and `AuditBackend` is mostly moved.
+    options: Box<PgConnectOptions>,
+    raw: SecretString,
+}
+
+impl PgDsn {
+    pub fn parse(dsn: &str) -> Result<Self, DsnError> {
+        Ok(PgDsn {
+            options: Box::new(parse(dsn)?),
+            raw: SecretString::from(dsn.to_owned()),
+        })
+    }
+
+    /// The connect options, password included: for sqlx only.
+    pub fn options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    /// The `sslmode` in effect, in libpq's words, for the startup line.
+    pub fn ssl_mode(&self) -> &'static str {
+        match self.options.get_ssl_mode() {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Every form in which the password could show up in text: as written,
+    /// and percent-decoded for URLs (what the server and driver see).
+    pub fn password_forms(&self) -> Vec<String> {
+        let raw = self.raw.expose_secret().trim();
+        if raw.contains("://") {
+            crate::secret::SecretUrl::new(raw.to_owned()).password_forms()
+        } else {
+            password_of_pairs(raw).into_iter().collect()
+        }
+    }
+}
+
+impl std::fmt::Debug for PgDsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.options;
+        f.debug_struct("PgDsn")
+            .field("host", &o.get_host())
+            .field("port", &o.get_port())
+            .field("database", &o.get_database())
+            .field("user", &o.get_username())
+            .field("ssl_mode", &o.get_ssl_mode())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Same text, same DSN; compared only by tests.
+impl PartialEq for PgDsn {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw.expose_secret() == other.raw.expose_secret()
+    }
+}
+
+impl Eq for PgDsn {}
 
 /// Connect options for `dsn`, in either form.
 pub fn parse(dsn: &str) -> Result<PgConnectOptions, DsnError> {
@@ -178,6 +248,30 @@ mod tests {
             o.get_socket().map(|p| p.display().to_string()).as_deref(),
             Some("/run/pg")
         );
+    }
+
+    #[test]
+    fn a_parsed_dsn_never_shows_its_password() {
+        for (text, forms) in [
+            (
+                "dbname=casf user=casf password='S3 cret' host=pg sslmode=verify-full",
+                vec!["S3 cret"],
+            ),
+            (
+                "postgres://casf:S3%40cret@pg:5432/casf?sslmode=require",
+                vec!["S3%40cret", "S3@cret"],
+            ),
+        ] {
+            let dsn = PgDsn::parse(text).unwrap();
+            let debug = format!("{dsn:?}");
+            assert!(!debug.contains("S3"), "{debug}");
+            assert!(
+                debug.contains("\"pg\"") && debug.contains("ssl_mode"),
+                "{debug}"
+            );
+            assert_eq!(dsn.password_forms(), forms);
+        }
+        assert!(PgDsn::parse("host=pg").unwrap().password_forms().is_empty());
     }
 
     #[test]

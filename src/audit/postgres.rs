@@ -23,6 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::Mutex;
 
+use super::pg_dsn::PgDsn;
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
 use crate::config::Redactor;
 
@@ -83,7 +84,7 @@ enum Attempt {
 
 impl PostgresAuditLog {
     /// Connects and checks that the schema is in place.
-    pub async fn open(dsn: &str) -> Result<Self, AuditError> {
+    pub async fn open(dsn: &PgDsn) -> Result<Self, AuditError> {
         let mut log = Self::connect(dsn).await?;
         log.check_database().await?;
         log.one_round_trip = log.has_append_function().await?;
@@ -91,7 +92,7 @@ impl PostgresAuditLog {
     }
 
     /// Connects and applies [`SCHEMA`] (`casf-verifier migrate`).
-    pub async fn migrate(dsn: &str) -> Result<Self, AuditError> {
+    pub async fn migrate(dsn: &PgDsn) -> Result<Self, AuditError> {
         let mut log = Self::connect(dsn).await?;
         log.check_encoding().await?;
         let mut conn = log.pool.acquire().await.map_err(|e| log.error(e))?;
@@ -106,10 +107,13 @@ impl PostgresAuditLog {
         Ok(log)
     }
 
-    async fn connect(dsn: &str) -> Result<Self, AuditError> {
-        let redactor = Redactor::new(crate::config::secrets_of_dsn(dsn));
-        let options: PgConnectOptions = super::pg_dsn::parse(dsn)
-            .map_err(|e| AuditError::Unavailable(redactor.redact(&format!("PG_DSN: {e}"))))?
+    async fn connect(dsn: &PgDsn) -> Result<Self, AuditError> {
+        // Parsed once, in `config`; the redactor is for the driver's and the
+        // server's error text.
+        let redactor = Redactor::new(dsn.password_forms());
+        let options: PgConnectOptions = dsn
+            .options()
+            .clone()
             .application_name("casf-verifier")
             .options([
                 ("statement_timeout", STATEMENT_TIMEOUT),
@@ -478,11 +482,12 @@ mod tests {
     #[tokio::test]
     async fn errors_are_classified_and_never_carry_the_password() {
         let dsn = "postgres://casf:hunter2@127.0.0.1:1/casf";
-        let options = super::super::pg_dsn::parse(dsn).unwrap();
+        let parsed = PgDsn::parse(dsn).unwrap();
+        let options = parsed.options().clone();
         let log = PostgresAuditLog {
             pool: PgPoolOptions::new().connect_lazy_with(options.clone()),
             options,
-            redactor: Redactor::new(crate::config::secrets_of_dsn(dsn)),
+            redactor: Redactor::new(parsed.password_forms()),
             one_round_trip: true,
             appender: Mutex::default(),
         };

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{PolicyEngine, PolicyError, PolicyVerdict};
+use crate::tls::ClientTls;
 
 /// Budget of one evaluation: connect, send, answer (guide §6).
 pub const EVALUATION_TIMEOUT: Duration = Duration::from_millis(350);
@@ -28,8 +29,8 @@ const DECISION_PATH: &str = "/v1/data/casf";
 /// Why `OPA_URL` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum OpaSetupError {
-    #[error("OPA_URL uses https:// but this build has no TLS support")]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
     #[error("cannot create the HTTP client for OPA: {0}")]
     Client(String),
 }
@@ -37,7 +38,7 @@ pub enum OpaSetupError {
 impl OpaSetupError {
     pub fn kind(&self) -> &'static str {
         match self {
-            OpaSetupError::TlsUnsupported => "tls_unsupported",
+            OpaSetupError::Tls(_) => "tls",
             OpaSetupError::Client(_) => "client",
         }
     }
@@ -51,12 +52,16 @@ pub struct OpaPolicy {
 }
 
 impl OpaPolicy {
-    /// `base_url` is `OPA_URL` without its trailing slash (see `config`).
-    pub fn new(base_url: &str) -> Result<Self, OpaSetupError> {
+    /// `base_url` is `OPA_URL` without its trailing slash (see `config`);
+    /// `tls` applies to an `https://` URL.
+    pub fn new(base_url: &str, tls: &ClientTls) -> Result<Self, OpaSetupError> {
+        let mut builder = crate::tls::http_client_builder();
         if base_url.starts_with("https://") {
-            return Err(OpaSetupError::TlsUnsupported);
+            builder = builder
+                .tls_backend_preconfigured(crate::tls::client_config("OPA", tls)?)
+                .https_only(true);
         }
-        let client = reqwest::Client::builder()
+        let client = builder
             .timeout(EVALUATION_TIMEOUT)
             .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
             .tcp_nodelay(true)
@@ -207,19 +212,23 @@ mod tests {
 
     #[tokio::test]
     async fn answer_without_result_is_bad_response() {
-        let opa = OpaPolicy::new(&stub("200 OK", "{}").await).unwrap();
+        let opa = OpaPolicy::new(&stub("200 OK", "{}").await, &ClientTls::default()).unwrap();
         let error = opa.evaluate(&json!({"tool": "x"})).await.unwrap_err();
         assert_eq!(error.kind(), "bad_response", "{error}");
     }
 
     #[tokio::test]
     async fn http_errors_are_bad_status_and_a_full_answer_is_read() {
-        let opa = OpaPolicy::new(&stub("503 Service Unavailable", "{}").await).unwrap();
+        let opa = OpaPolicy::new(
+            &stub("503 Service Unavailable", "{}").await,
+            &ClientTls::default(),
+        )
+        .unwrap();
         let error = opa.evaluate(&json!({})).await.unwrap_err();
         assert!(matches!(error, PolicyError::BadStatus(503)), "{error}");
 
         let answer = r#"{"result": {"allow": false, "violations": ["b", "a"]}}"#;
-        let opa = OpaPolicy::new(&stub("200 OK", answer).await).unwrap();
+        let opa = OpaPolicy::new(&stub("200 OK", answer).await, &ClientTls::default()).unwrap();
         assert_eq!(
             opa.evaluate(&json!({})).await.unwrap(),
             PolicyVerdict {
@@ -238,7 +247,11 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let opa = OpaPolicy::new(&format!("http://casf:S3cretPw@127.0.0.1:{port}")).unwrap();
+        let opa = OpaPolicy::new(
+            &format!("http://casf:S3cretPw@127.0.0.1:{port}"),
+            &ClientTls::default(),
+        )
+        .unwrap();
         let error = opa.evaluate(&json!({})).await.unwrap_err();
         assert_eq!(error.kind(), "unavailable", "{error}");
         let text = error.to_string();
@@ -285,10 +298,14 @@ mod tests {
     }
 
     #[test]
-    fn tls_urls_are_refused_at_setup() {
-        assert!(matches!(
-            OpaPolicy::new("https://opa:8181"),
-            Err(OpaSetupError::TlsUnsupported)
-        ));
+    fn https_needs_a_readable_ca_file() {
+        crate::tls::install_crypto_provider();
+        let tls = ClientTls {
+            ca: Some("/nonexistent/opa-ca.pem".into()),
+            ..ClientTls::default()
+        };
+        let err = OpaPolicy::new("https://opa:8181", &tls).unwrap_err();
+        assert_eq!(err.kind(), "tls");
+        assert!(err.to_string().starts_with("OPA TLS:"), "{err}");
     }
 }

@@ -11,6 +11,7 @@
 //! at boot (`/healthz` is 503 and writes fail closed until it is back).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,11 +19,13 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
     LuaInterface, Options, ReconnectPolicy, SetOptions, Value,
 };
+use fred::types::config::{ServerConfig, TlsConfig, TlsConnector};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
 use super::{Claim, RateLimiter, ReplayGuard, StateError};
 use crate::domain::{RequestId, VerifyResponse};
+use crate::tls::{ClientTls, ProbeError};
 
 /// Budget of one state operation, retries and script reloads included (guide §6).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -30,6 +33,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
 const BOOT_CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Budget for opening a TCP connection and the AUTH/SELECT that follow it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The TLS probe's budget when a health check finds Redis unavailable.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection with a command unanswered this long is dropped and reopened
 /// (a half-open TCP connection would otherwise time out every command forever).
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
@@ -172,6 +177,24 @@ fn state_error(error: RedisError) -> StateError {
     }
 }
 
+impl TlsProbe {
+    /// One handshake of our own, and why it failed if it was refused; `None`
+    /// when it succeeded or the server could not be reached (an outage,
+    /// which fred's reconnecting already reports). Used at startup, since
+    /// fred retries a failed handshake forever, and by the health check.
+    async fn handshake_failure(&self, timeout: Duration) -> Option<String> {
+        let probe = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::tls::probe_handshake(probe.config, &probe.host, probe.port, timeout)
+        })
+        .await;
+        match outcome {
+            Ok(Err(ProbeError::Handshake(reason))) => Some(reason),
+            Ok(Err(ProbeError::Unreachable(_))) | Ok(Ok(())) | Err(_) => None,
+        }
+    }
+}
+
 fn is_noscript(error: &RedisError) -> bool {
     error.details().starts_with("NOSCRIPT")
 }
@@ -184,10 +207,12 @@ fn seconds(ttl: Duration) -> i64 {
 /// Why the Redis client could not be set up at all (a bad `REDIS_URL`).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
-    #[error(
-        "REDIS_URL uses rediss:// but this build has no TLS support; refusing to send the password in clear"
-    )]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
+    /// The server's certificate did not verify at startup: a configuration
+    /// error (or an impostor), not an outage to wait out.
+    #[error("Redis TLS: handshake with the server failed: {0}")]
+    Certificate(String),
     #[error("REDIS_URL is not a usable Redis URL: {0}")]
     InvalidUrl(String),
 }
@@ -195,7 +220,8 @@ pub enum RedisSetupError {
 impl RedisSetupError {
     pub fn kind(&self) -> &'static str {
         match self {
-            RedisSetupError::TlsUnsupported => "tls_unsupported",
+            RedisSetupError::Tls(_) => "tls",
+            RedisSetupError::Certificate(_) => "certificate",
             RedisSetupError::InvalidUrl(_) => "invalid_url",
         }
     }
@@ -211,6 +237,17 @@ pub struct RedisState {
     hit: Script,
     replay_ttl: Duration,
     pending_ttl: Duration,
+    /// With `rediss://`: what a health check needs to say why a TLS
+    /// connection cannot be made (fred only reports "reconnecting").
+    tls_probe: Option<TlsProbe>,
+}
+
+/// The TLS configuration and the server it was probed against.
+#[derive(Clone)]
+struct TlsProbe {
+    config: Arc<rustls::ClientConfig>,
+    host: String,
+    port: u16,
 }
 
 impl RedisState {
@@ -219,15 +256,32 @@ impl RedisState {
     /// the client keeps reconnecting in the background.
     pub async fn connect(
         url: &str,
+        tls: &ClientTls,
         replay_ttl: Duration,
         pending_ttl: Duration,
     ) -> Result<Self, RedisSetupError> {
-        if url.starts_with("rediss://") {
-            return Err(RedisSetupError::TlsUnsupported);
-        }
         // The URL parser's messages do not echo the URL, so no secret leaks.
         let mut config =
             Config::from_url(url).map_err(|e| RedisSetupError::InvalidUrl(e.details().into()))?;
+        let mut tls_probe = None;
+        if config.tls.is_some() {
+            // Our roots and client certificate, on the process's one provider,
+            // in place of fred's default (system roots only).
+            let tls_config = Arc::new(crate::tls::client_config("Redis", tls)?);
+            if let ServerConfig::Centralized { server } = &config.server {
+                let probe = TlsProbe {
+                    config: tls_config.clone(),
+                    host: server.host.to_string(),
+                    port: server.port,
+                };
+                if let Some(reason) = probe.handshake_failure(CONNECT_TIMEOUT).await {
+                    return Err(RedisSetupError::Certificate(reason));
+                }
+                tls_probe = Some(probe);
+            }
+            let connector = TlsConnector::from(Arc::unwrap_or_clone(tls_config));
+            config.tls = Some(TlsConfig::from(connector));
+        }
         // Unreachable at boot is not fatal: keep trying in the background.
         config.fail_fast = false;
         let client = Builder::from_config(config)
@@ -274,6 +328,7 @@ impl RedisState {
             hit: Script::new(HIT_LUA),
             replay_ttl,
             pending_ttl,
+            tls_probe,
         })
     }
 
@@ -419,7 +474,17 @@ impl ReplayGuard for RedisState {
 
     async fn ping(&self) -> Result<(), StateError> {
         let client = self.client.with_options(&self.options);
-        bounded(client.ping::<Value>(None)).await.map(drop)
+        let result = bounded(client.ping::<Value>(None)).await.map(drop);
+        if let (Err(StateError::Unavailable(_) | StateError::Timeout), Some(probe)) =
+            (&result, &self.tls_probe)
+            // Within the health check's own 2 s budget.
+            && let Some(reason) = probe.handshake_failure(HEALTH_PROBE_TIMEOUT).await
+        {
+            return Err(StateError::Unavailable(format!(
+                "TLS handshake failed: {reason}"
+            )));
+        }
+        result
     }
 }
 
@@ -554,13 +619,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tls_urls_are_refused_rather_than_sent_in_clear() {
+    async fn rediss_needs_a_readable_ca_file() {
+        crate::tls::install_crypto_provider();
+        let tls = ClientTls {
+            ca: Some("/nonexistent/redis-ca.pem".into()),
+            ..ClientTls::default()
+        };
         let refused = RedisState::connect(
             "rediss://:pw@127.0.0.1:6380/0",
+            &tls,
             Duration::from_secs(60),
             Duration::from_secs(1),
         )
         .await;
-        assert!(matches!(refused, Err(RedisSetupError::TlsUnsupported)));
+        let Err(error) = refused else {
+            panic!("a missing CA file was accepted")
+        };
+        assert_eq!(error.kind(), "tls");
+        assert!(error.to_string().starts_with("Redis TLS:"), "{error}");
+        assert!(!error.to_string().contains("pw"), "{error}");
     }
 }

@@ -49,7 +49,9 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     TestApp {
         base: format!("http://{addr}"),
         grpc: format!("http://{grpc}"),
-        client: reqwest::Client::new(),
+        client: casf_verifier::tls::http_client_builder()
+            .build()
+            .expect("HTTP client"),
         audit_db,
         stop: Some(stop),
         server: Some(server),

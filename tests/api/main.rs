@@ -17,4 +17,5 @@ mod production;
 mod properties_pg;
 mod redis_state;
 mod servers;
+mod tls;
 mod verify;

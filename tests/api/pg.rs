@@ -334,6 +334,58 @@ impl PrivateCluster {
         cluster
     }
 
+    /// A cluster that accepts TLS connections only: `ssl = on` with this
+    /// certificate and key, and a pg_hba.conf that rejects every connection
+    /// over TCP without TLS. Role `client` logs in by a client certificate
+    /// signed by `client_ca` (CN=client) instead of a password. It listens on
+    /// 127.0.0.1 and 127.0.0.2, so a test can reach it under a name its
+    /// certificate does not carry.
+    pub fn start_tls(cert: &Path, key: &Path, client_ca: &Path) -> Self {
+        let cluster = Self::start();
+        cluster.halt();
+        let data = cluster.data();
+        std::fs::copy(cert, data.join("server.pem")).expect("copy server certificate");
+        std::fs::copy(key, data.join("server.key")).expect("copy server key");
+        std::fs::copy(client_ca, data.join("client-ca.pem")).expect("copy client CA");
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+        text.push_str(
+            "\nssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n\
+             ssl_ca_file = 'client-ca.pem'\n",
+        );
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all client 127.0.0.0/8 cert\n\
+             hostssl all all 127.0.0.0/8 scram-sha-256\n\
+             hostnossl all all 0.0.0.0/0 reject\n\
+             hostnossl all all ::/0 reject\n",
+        )
+        .expect("write pg_hba.conf");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(cluster.dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown to postgres failed");
+        }
+        // PostgreSQL refuses a key that others may read.
+        let status = Command::new("chmod")
+            .arg("0600")
+            .arg(data.join("server.key"))
+            .status()
+            .expect("chmod");
+        assert!(status.success(), "chmod of the server key failed");
+        cluster.resume_on("127.0.0.1,127.0.0.2");
+        cluster
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -358,8 +410,12 @@ impl PrivateCluster {
 
     /// Starts (or restarts) the server; returns once it accepts connections.
     pub fn resume(&self) {
+        self.resume_on("127.0.0.1");
+    }
+
+    fn resume_on(&self, listen: &str) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses={listen}",
             self.port,
             path_str(self.dir.path())
         );

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use casf_verifier::audit::pg_dsn::PgDsn;
 use casf_verifier::audit::postgres::{APPEND_FUNCTION, PostgresAuditLog};
 use casf_verifier::audit::{AppendReceipt, AuditLog, NewEvent};
 use casf_verifier::canonical;
@@ -178,7 +179,9 @@ async fn canonical_numbers_survive_postgres_jsonb_unchanged() {
 }
 
 async fn requests_from(base: &str, tenant: &str, count: usize) -> Vec<Value> {
-    let client = reqwest::Client::new();
+    let client = casf_verifier::tls::http_client_builder()
+        .build()
+        .expect("HTTP client");
     futures::stream::iter(0..count)
         .map(|i| {
             let client = client.clone();
@@ -284,8 +287,12 @@ fn assert_receipts_match(rows: &[AuditRow], receipts: &[AppendReceipt]) {
 #[tokio::test]
 async fn stores_sharing_a_database_rechain_after_the_other_moved_the_head() {
     let db = TestDb::migrated().await;
-    let a = PostgresAuditLog::open(&db.dsn).await.expect("open a");
-    let b = PostgresAuditLog::open(&db.dsn).await.expect("open b");
+    let a = PostgresAuditLog::open(&PgDsn::parse(&db.dsn).expect("DSN"))
+        .await
+        .expect("open a");
+    let b = PostgresAuditLog::open(&PgDsn::parse(&db.dsn).expect("DSN"))
+        .await
+        .expect("open b");
     let mut receipts = Vec::new();
     // Every batch after the first finds the head moved by the other store
     // since its own last commit, so each one is re-chained before it lands.
@@ -320,7 +327,9 @@ async fn a_database_initialised_without_the_append_function_still_chains() {
         .expect("drop the function");
     pool.close().await;
 
-    let store = PostgresAuditLog::open(&db.dsn).await.expect("open");
+    let store = PostgresAuditLog::open(&PgDsn::parse(&db.dsn).expect("DSN"))
+        .await
+        .expect("open");
     let first = store.append_batch(&events("x", 3)).await.expect("append");
     let app = app_on(&db.dsn).await;
     let decisions = mixed_traffic(&app).await;

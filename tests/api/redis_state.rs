@@ -49,6 +49,7 @@ async fn state_like_the_app(vars: &[(&str, &str)]) -> RedisState {
     .expect("settings");
     RedisState::connect(
         &required_env("CASF_TEST_REDIS_URL"),
+        &Default::default(),
         settings.anti_replay_ttl,
         settings.pending_ttl,
     )

@@ -85,12 +85,23 @@ pub struct RedisServer {
     pub password: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// `(certificate, key, client CA)`: serve TLS only, on `port`.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
     /// Starts a server and waits until it answers.
     pub async fn start() -> Self {
         let mut server = RedisServer::on_port(free_port());
+        server.restart().await;
+        server
+    }
+
+    /// A server that speaks TLS only (no plaintext port), requiring a
+    /// client certificate signed by `client_ca`.
+    pub async fn start_tls(cert: PathBuf, key: PathBuf, client_ca: PathBuf) -> Self {
+        let mut server = RedisServer::on_port(free_port());
+        server.tls = Some((cert, key, client_ca));
         server.restart().await;
         server
     }
@@ -102,12 +113,18 @@ impl RedisServer {
             password: format!("pw-{}", uuid::Uuid::new_v4().simple()),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
+            tls: None,
         }
     }
 
-    /// `redis://:<password>@127.0.0.1:<port>/0`
+    /// `redis://:<password>@127.0.0.1:<port>/0` (`rediss://` with TLS)
     pub fn url(&self) -> String {
-        format!("redis://:{}@127.0.0.1:{}/0", self.password, self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://:{}@127.0.0.1:{}/0", self.password, self.port)
     }
 
     /// Kills the server (as a crash would); the port stays ours to reuse.
@@ -118,8 +135,21 @@ impl RedisServer {
     /// Starts (again) on the same port, empty, and waits until it answers.
     pub async fn restart(&mut self) {
         self.stop();
-        let child = Command::new(required_env("CASF_TEST_REDIS_SERVER"))
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut command = Command::new(required_env("CASF_TEST_REDIS_SERVER"));
+        command.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key, ca)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "yes"]),
+        };
+        let child = command
             .args(["--requirepass", &self.password])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -130,6 +160,15 @@ impl RedisServer {
             .expect("spawn redis-server");
         self.child = Some(child);
         let port = self.port;
+        if self.tls.is_some() {
+            wait_until(START_DEADLINE, "private Redis listens", || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            })
+            .await;
+            return;
+        }
         wait_until(START_DEADLINE, "private Redis answers PING", || {
             redis_answers(port)
         })
@@ -165,22 +204,39 @@ pub struct OpaServer {
     client: reqwest::Client,
     /// Its stderr: tracebacks of requests the app gave up on are expected noise.
     log: tempfile::NamedTempFile,
+    /// `(certificate, key, client CA)`: serve HTTPS, requiring a client
+    /// certificate when a client CA is given.
+    tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
 }
 
 impl OpaServer {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The server over HTTPS with this certificate and key, requiring a
+    /// client certificate signed by `client_ca` if given.
+    pub async fn start_tls(cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>) -> Self {
+        Self::start_with(Some((cert, key, client_ca))).await
+    }
+
+    async fn start_with(tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>) -> Self {
         let mut server = OpaServer {
             port: free_port(),
             child: None,
-            client: reqwest::Client::new(),
+            client: casf_verifier::tls::http_client_builder()
+                .build()
+                .expect("HTTP client"),
             log: tempfile::NamedTempFile::new().expect("log file"),
+            tls,
         };
         server.restart().await;
         server
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn stop(&mut self) {
@@ -191,11 +247,23 @@ impl OpaServer {
     pub async fn restart(&mut self) {
         self.stop();
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let mut child = Command::new(required_env("CASF_TEST_PYTHON"))
+        let mut command = Command::new(required_env("CASF_TEST_PYTHON"));
+        command
             .arg(root.join("tests/support/opa_server.py"))
             .arg("--policies")
             .arg(root.join("policies"))
-            .args(["--addr", &format!("127.0.0.1:{}", self.port)])
+            .args(["--addr", &format!("127.0.0.1:{}", self.port)]);
+        if let Some((cert, key, client_ca)) = &self.tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+            if let Some(ca) = client_ca {
+                command.arg("--tls-client-ca").arg(ca);
+            }
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(self.log.reopen().expect("log file"))
             .spawn()

@@ -409,7 +409,9 @@ impl Envoy {
             access_log,
             _dir: dir,
         };
-        let client = reqwest::Client::new();
+        let client = casf_verifier::tls::http_client_builder()
+            .build()
+            .expect("HTTP client");
         let log = envoy._dir.path().join("envoy.log");
         let port = eventually("envoy to listen", async || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -490,7 +492,9 @@ impl Stack {
             upstream,
             envoy,
             idp,
-            client: reqwest::Client::new(),
+            client: casf_verifier::tls::http_client_builder()
+                .build()
+                .expect("HTTP client"),
         }
     }
 

@@ -88,7 +88,9 @@ async fn the_quickstart_reaches_allow_and_deny_through_envoy_with_dev_tokens() {
         access_log,
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = casf_verifier::tls::http_client_builder()
+        .build()
+        .expect("HTTP client");
     let call = |method, path: &str| client.request(method, format!("{}{path}", envoy.url));
     let receptionist = dev_token("receptionist", "clinic-a");
 

@@ -26,6 +26,7 @@ import argparse
 import json
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -225,13 +226,31 @@ def main():
     ap.add_argument("--policies", required=True, help="directory of *.rego files")
     ap.add_argument("--addr", default="127.0.0.1:8181", help="HOST:PORT (port 0 = any free)")
     ap.add_argument("--log-requests", action="store_true", help="access log on stderr")
+    ap.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS instead of HTTP")
+    ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ap.add_argument("--tls-client-ca", help="PEM CA file: require client certificates it signed")
     args = ap.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        sys.exit("opa_server: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        sys.exit("opa_server: --tls-client-ca needs --tls-cert")
 
     engine = load_engine(args.policies)
     host, port, family = parse_addr(args.addr)
     Server.address_family = family
     server = Server((host, port), Handler)
     server.engine, server.fault, server.log_requests = engine, Fault(), args.log_requests
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            context.load_verify_locations(args.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        # The handshake runs on the request's thread, so a client that
+        # rejects our certificate cannot stall the accept loop.
+        server.socket = context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
 
     # shutdown() blocks until serve_forever() returns, so it must run on
     # another thread than the one serving (the main thread gets the signal).
