@@ -81,6 +81,11 @@ a2 = sum(r["events_per_s"] for r in audit2) if audit2 else None
 chain = next((r["result"] for r in rows if r["row"] == "audit-verify"), "")
 add(f"| Audit writer alone into Postgres, one process | ≥ 10,000 events/s | {fmt(a1, 0)}/s | {verdict(None if a1 is None else a1 >= 10000)} |")
 add(f"| Audit writer, two processes on one database (sum), chain valid | ≥ 10,000 events/s | {fmt(a2, 0)}/s; `audit verify`: {chain} | {verdict(None if a2 is None else a2 >= 10000 and chain.startswith('chain valid'))} |")
+for backend, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+    v = next((r for r in rows if r["row"] == "verify" and r["backend"] == backend), None)
+    ok = None if v is None else v["exit"] == 0 and v["events_per_s"] >= 150000
+    measured = "not measured" if v is None else f"{fmt(v['events_per_s'], 0)} events/s ({fmt(v['events'])} events in {v['seconds']} s)"
+    add(f"| `audit verify` from {label}, whole chain valid | ≥ 150,000 events/s | {measured} | {verdict(ok)} |")
 # VmHWM is the peak over the process's life: the full-pipeline verifier's last row has it.
 rss = max((r["verifier_peak_rss_mib"] for r in loads if r["backends"] == FULL and r.get("verifier_peak_rss_mib") is not None), default=None)
 add(f"| Verifier peak RSS at full-pipeline load | ≤ 64 MiB | {fmt(rss, 1)} MiB | {verdict(None if rss is None else rss <= 64)} |")
@@ -127,6 +132,14 @@ add("|---|---|---|---|---|---|---|")
 for r in rows:
     if r["row"] == "audit":
         add(f"| {r['writers']} | {r['backend']} | {fmt(r['events'])} | {r['concurrency']} | {r['seconds']} | {fmt(r['events_per_s'], 0)} | {r['failed']} |")
+add("")
+add("## Audit verify (`casf-verifier audit verify` on an `examples/auditgen.rs` chain)\n")
+add("*CPU* is the command's own user plus system time (PostgreSQL's server work is not in it); *load* is the 1-minute load average just before the run, on this shared machine.\n")
+add("| Backend | Events | Seconds | Events/s | CPU s | Load | Exit | Output |")
+add("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["row"] == "verify":
+        add(f"| {r['backend']} | {fmt(r['events'])} | {r['seconds']} | {fmt(r['events_per_s'], 0)} | {r['cpu_seconds']} | {r['load']} | {r['exit']} | `{r['result']}` |")
 add("")
 add("## How to reproduce\n")
 add("```bash")
@@ -175,7 +188,12 @@ if smoke:
         problems.append("audit writer rows missing or failed")
     if not chain.startswith("chain valid"):
         problems.append(f"audit chain after two writers: {chain!r}")
+    verifies = [r for r in rows if r["row"] == "verify"]
+    if sorted(r["backend"] for r in verifies) != ["postgres", "sqlite"]:
+        problems.append("audit verify rows missing")
+    problems += [f"audit verify / {r['backend']}: exit {r['exit']}, {r['result']!r}"
+                 for r in verifies if r["exit"] != 0 or not r["result"].startswith(f"chain valid: {r['events']} events")]
     if problems:
         print("bench smoke failed:\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
-    print(f"bench smoke: {len(loads)} load rows, {len(audits)} audit rows, all produced numbers")
+    print(f"bench smoke: {len(loads)} load rows, {len(audits)} audit rows, {len(verifies)} verify rows, all produced numbers")

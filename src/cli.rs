@@ -11,16 +11,18 @@
 //! `migrate` exits 0 once the schema is in place and 2 if it cannot be.
 //! A refusal is printed once, on stderr.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use chrono::NaiveDate;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::audit::EventFilter;
-use crate::audit::digest::{digest, walk, yesterday};
+use crate::audit::digest::{digest, yesterday};
+use crate::audit::scan::walk;
 use crate::config::{AuditBackend, ConfigArgs, PolicyBackend, Redactor, Settings};
 use crate::domain::Role;
-use crate::startup::{Application, migrate_audit_log, open_audit_log, shutdown_signal};
+use crate::startup::{Application, migrate_audit_log, open_chain_reader, shutdown_signal};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -101,7 +103,7 @@ pub fn run() -> ExitCode {
         Command::Serve => with_settings(&config, serve),
         Command::Check => check(&config),
         Command::Migrate => with_settings(&config, migrate),
-        Command::Audit { action } => with_settings(&config, |settings| audit(settings, action)),
+        Command::Audit { action } => audit_command(&config, action),
         // These two need no backends, and a probe must not exit 2.
         Command::Healthcheck { grpc } => healthcheck(&config, grpc),
         Command::DevToken {
@@ -322,47 +324,75 @@ async fn migrate(settings: Settings) -> ExitCode {
     }
 }
 
-async fn audit(settings: Settings, action: AuditCommand) -> ExitCode {
+/// `audit verify` and `audit digest`: read-only, and every refusal printed
+/// once, on stderr, prefixed with the command (exit 2).
+fn audit_command(config: &ConfigArgs, action: AuditCommand) -> ExitCode {
+    let command = match action {
+        AuditCommand::Verify => "audit verify",
+        AuditCommand::Digest { .. } => "audit digest",
+    };
+    let settings = match Settings::from_args(config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("casf-verifier: {command}: {error}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    crate::telemetry::init(settings.log_format, settings.decision_log);
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(audit(settings, action, command)),
+        Err(error) => {
+            eprintln!("casf-verifier: {command}: cannot start the async runtime: {error}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
+async fn audit(settings: Settings, action: AuditCommand, command: &str) -> ExitCode {
     let redactor = Redactor::new(settings.secrets());
-    let unreachable = |error: String| {
-        eprintln!(
-            "casf-verifier: audit store unreachable: {}",
-            redactor.redact(&error)
-        );
+    let refuse = |error: String| {
+        eprintln!("casf-verifier: {command}: {}", redactor.redact(&error));
         ExitCode::from(EXIT_UNREACHABLE)
     };
-    let log = match open_audit_log(&settings.audit).await {
-        Ok(log) => log,
-        Err(error) => return unreachable(error.to_string()),
+    let source = match open_chain_reader(&settings.audit).await {
+        Ok(source) => source,
+        Err(error) => return refuse(error.to_string()),
     };
+    // Progress only for a person watching; pipes and logs stay clean.
+    let progress = std::io::stderr().is_terminal();
     match action {
-        AuditCommand::Verify => match walk(log.as_ref(), &EventFilter::default()).await {
-            Err(error) => unreachable(error.to_string()),
-            Ok(chain) => match &chain.first_break {
-                None => {
-                    println!(
-                        "chain valid: {} events, last hash {}",
-                        chain.count,
-                        chain.last_hash.as_deref().unwrap_or("-")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Some(broken) => {
-                    println!(
-                        "chain broken at event id {} (event_id {}): {}",
-                        broken.id, broken.event_id, broken.reason
-                    );
-                    ExitCode::from(EXIT_BROKEN)
-                }
-            },
-        },
+        AuditCommand::Verify => {
+            match walk(source.as_ref(), &EventFilter::default(), progress).await {
+                Err(error) => refuse(error.to_string()),
+                Ok(chain) => match &chain.first_break {
+                    None => {
+                        println!(
+                            "chain valid: {} events, last hash {}",
+                            chain.count,
+                            chain.last_hash.as_deref().unwrap_or("-")
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Some(broken) => {
+                        println!(
+                            "chain broken at event id {} (event_id {}): {}",
+                            broken.id, broken.event_id, broken.reason
+                        );
+                        ExitCode::from(EXIT_BROKEN)
+                    }
+                },
+            }
+        }
         AuditCommand::Digest { date } => {
-            match digest(log.as_ref(), date.unwrap_or_else(yesterday)).await {
-                Err(error) => unreachable(error.to_string()),
+            match digest(source.as_ref(), date.unwrap_or_else(yesterday), progress).await {
+                Err(error) => refuse(error.to_string()),
                 Ok(digest) => {
                     match serde_json::to_string_pretty(&digest) {
                         Ok(text) => println!("{text}"),
-                        Err(error) => return unreachable(error.to_string()),
+                        Err(error) => return refuse(format!("cannot render the digest: {error}")),
                     }
                     if let Some(broken) = &digest.first_broken_event {
                         eprintln!(

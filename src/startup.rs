@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::audit::postgres::PostgresAuditLog;
-use crate::audit::sqlite::SqliteAuditLog;
+use crate::audit::postgres::{PostgresAuditLog, PostgresChainReader};
+use crate::audit::scan::{ChainSource, ReadError};
+use crate::audit::sqlite::{SqliteAuditLog, SqliteChainReader};
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::{
@@ -68,6 +69,15 @@ pub async fn open_audit_log(backend: &AuditBackend) -> Result<Arc<dyn AuditLog>,
     match backend {
         AuditBackend::Sqlite { path } => Ok(Arc::new(SqliteAuditLog::open(path).await?)),
         AuditBackend::Postgres { dsn } => Ok(Arc::new(PostgresAuditLog::open(dsn).await?)),
+    }
+}
+
+/// Opens the configured audit store read-only for the `audit` commands:
+/// nothing is created, and a missing file or table is refused.
+pub async fn open_chain_reader(backend: &AuditBackend) -> Result<Box<dyn ChainSource>, ReadError> {
+    match backend {
+        AuditBackend::Sqlite { path } => Ok(Box::new(SqliteChainReader::open(path).await?)),
+        AuditBackend::Postgres { dsn } => Ok(Box::new(PostgresChainReader::open(dsn).await?)),
     }
 }
 

@@ -23,20 +23,42 @@ pub fn event_hash(event: &NewEvent, prev_hash: &str) -> String {
 
 /// [`event_hash`] with the canonical payload already rendered.
 fn hash_with_payload(event: &NewEvent, canonical_payload: &str, prev_hash: &str) -> String {
+    hash_parts(
+        [
+            &event.request_id,
+            &event.event_id,
+            &event.ts,
+            &event.actor,
+            &event.action,
+            &event.decision,
+        ],
+        canonical_payload,
+        prev_hash,
+    )
+}
+
+/// The rule itself: `columns` are `request_id` to `decision`, in order.
+fn hash_parts(columns: [&str; 6], canonical_payload: &str, prev_hash: &str) -> String {
     let mut hasher = Sha256::new();
-    for part in [
-        event.request_id.as_str(),
-        event.event_id.as_str(),
-        event.ts.as_str(),
-        event.actor.as_str(),
-        event.action.as_str(),
-        event.decision.as_str(),
-    ] {
+    for part in columns {
         hasher.update(part.as_bytes());
     }
     hasher.update(canonical_payload.as_bytes());
     hasher.update(prev_hash.as_bytes());
     hex::encode(hasher.finalize())
+}
+
+/// Whether `hash` is the chain hash of a stored row: `columns` are
+/// `request_id` to `decision`, `payload` the stored text, which is parsed and
+/// rendered canonical again (JSONB reformats it). Text that no longer parses
+/// is hashed as a JSON string, so it fails here instead of failing the read.
+/// The same answer as [`event_hash`] on the event the row decodes to.
+pub fn stored_hash_holds(columns: [&str; 6], payload: &str, prev_hash: &str, hash: &str) -> bool {
+    let canonical_payload = match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(value) => canonical::to_string(&value),
+        Err(_) => canonical::to_string(&serde_json::Value::String(payload.to_owned())),
+    };
+    hash_parts(columns, &canonical_payload, prev_hash) == hash
 }
 
 /// One event's place in the chain, with the payload text that was hashed
@@ -81,6 +103,18 @@ pub struct ChainBreak {
     pub reason: &'static str,
 }
 
+/// One stored event after its own hash was recomputed: all the chain walk
+/// still needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub id: i64,
+    pub event_id: String,
+    pub prev_hash: String,
+    pub hash: String,
+    /// `hash` is the hash of the stored columns after the stored `prev_hash`.
+    pub hash_holds: bool,
+}
+
 /// Walks events in id order and finds the first break.
 #[derive(Debug, Clone)]
 pub struct ChainVerifier {
@@ -119,29 +153,41 @@ impl ChainVerifier {
     }
 
     pub fn push(&mut self, stored: &StoredEvent) {
+        self.push_checked(Checked {
+            id: stored.id,
+            event_id: stored.event.event_id.clone(),
+            hash_holds: event_hash(&stored.event, &stored.prev_hash) == stored.hash,
+            prev_hash: stored.prev_hash.clone(),
+            hash: stored.hash.clone(),
+        });
+    }
+
+    /// [`Self::push`] for an event whose own hash was already recomputed
+    /// (on any thread): what is left is the linkage, which is sequential.
+    pub fn push_checked(&mut self, checked: Checked) {
         self.count += 1;
         if self.first_hash.is_none() {
-            self.first_hash = Some(stored.hash.clone());
+            self.first_hash = Some(checked.hash.clone());
         }
         if self.first_break.is_none() {
             let expected_prev = self.expected_prev.as_deref().unwrap_or("");
-            let reason = if stored.prev_hash != expected_prev {
+            let reason = if checked.prev_hash != expected_prev {
                 Some("prev_hash does not match the previous event's hash")
-            } else if event_hash(&stored.event, &stored.prev_hash) != stored.hash {
+            } else if !checked.hash_holds {
                 Some("hash does not match the recomputed hash of the stored columns")
             } else {
                 None
             };
             if let Some(reason) = reason {
                 self.first_break = Some(ChainBreak {
-                    id: stored.id,
-                    event_id: stored.event.event_id.clone(),
+                    id: checked.id,
+                    event_id: checked.event_id,
                     reason,
                 });
             }
         }
-        self.expected_prev = Some(stored.hash.clone());
-        self.last_hash = Some(stored.hash.clone());
+        self.last_hash = Some(checked.hash.clone());
+        self.expected_prev = Some(checked.hash);
     }
 
     pub fn is_valid(&self) -> bool {

@@ -1,41 +1,14 @@
-//! `audit verify` and `audit digest` (guide §8): walk the stored chain,
-//! recomputing every hash, and summarise it for external anchoring.
+//! `audit digest` (guide §8): a UTC day of the stored chain, every hash
+//! recomputed ([`walk`]), summarised for external anchoring.
 
 use chrono::{Days, NaiveDate, Utc};
 use serde::Serialize;
 use serde_json::json;
 
-use super::chain::{ChainBreak, ChainVerifier, format_ts};
-use super::{AuditError, AuditLog, EventFilter};
+use super::EventFilter;
+use super::chain::{ChainBreak, format_ts};
+use super::scan::{ChainSource, ReadError, walk};
 use crate::canonical;
-
-const PAGE: u32 = 2000;
-
-/// Walks every event matching `filter` in id order. Without a window the
-/// chain must start at genesis; with one, the first event must link to the
-/// event just before it.
-pub async fn walk(log: &dyn AuditLog, filter: &EventFilter) -> Result<ChainVerifier, AuditError> {
-    let windowed = filter.ts_window.is_some();
-    let mut verifier = ChainVerifier::new((!windowed).then(String::new));
-    let mut after_id = 0;
-    loop {
-        let page = log.page(filter, after_id, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after_id = last.id;
-        for event in &page {
-            // Events of a window need not be neighbours in the chain: `ts`
-            // is stamped before the append queue and ids at commit, so near
-            // the window's edge an event from outside it (another process,
-            // or a request that queued later) can sit between two inside
-            // it. Each event must still link to its real predecessor by id.
-            if verifier.needs_anchor() || (windowed && !verifier.links_to(&event.prev_hash)) {
-                verifier.anchor(log.hash_before(event.id).await?.unwrap_or_default());
-            }
-            verifier.push(event);
-        }
-    }
-    Ok(verifier)
-}
 
 /// The daily digest document.
 #[derive(Debug, Clone, Serialize)]
@@ -77,15 +50,19 @@ pub fn yesterday() -> NaiveDate {
     today.checked_sub_days(Days::new(1)).unwrap_or(today)
 }
 
-/// Digest of the events whose `ts` falls on `day` (UTC).
-pub async fn digest(log: &dyn AuditLog, day: NaiveDate) -> Result<Digest, AuditError> {
+/// Digest of the events whose `ts` falls on `day` (UTC); `progress` as for [`walk`].
+pub async fn digest(
+    source: &dyn ChainSource,
+    day: NaiveDate,
+    progress: bool,
+) -> Result<Digest, ReadError> {
     let next = day.checked_add_days(Days::new(1)).unwrap_or(day);
     let from = format!("{}T", day.format("%Y-%m-%d"));
     let to = format!("{}T", next.format("%Y-%m-%d"));
     let filter = EventFilter {
         ts_window: Some((from, to)),
     };
-    let verifier = walk(log, &filter).await?;
+    let verifier = walk(source, &filter, progress).await?;
     let window = day.format("%Y-%m-%d").to_string();
     let digest_hash = canonical::sha256_hex(&json!({
         "window": window,
@@ -110,39 +87,56 @@ pub async fn digest(log: &dyn AuditLog, day: NaiveDate) -> Result<Digest, AuditE
 mod tests {
     use super::*;
     use crate::audit::chain::link;
-    use crate::audit::{AppendReceipt, NewEvent, StoredEvent};
+    use crate::audit::scan::RawRow;
+    use crate::audit::{NewEvent, StoredEvent};
     use async_trait::async_trait;
 
     /// A chain in memory, read the way the stores read it.
     struct Rows(Vec<StoredEvent>);
 
+    impl Rows {
+        fn matching<'a>(
+            &'a self,
+            filter: &'a EventFilter,
+        ) -> impl Iterator<Item = &'a StoredEvent> {
+            self.0.iter().filter(|e| match &filter.ts_window {
+                Some((from, to)) => e.event.ts >= *from && e.event.ts < *to,
+                None => true,
+            })
+        }
+    }
+
     #[async_trait]
-    impl AuditLog for Rows {
-        fn backend(&self) -> &'static str {
-            "rows"
-        }
-        async fn append_batch(&self, _: &[NewEvent]) -> Result<Vec<AppendReceipt>, AuditError> {
-            Err(AuditError::Closed)
-        }
-        async fn page(
+    impl ChainSource for Rows {
+        async fn stream(
             &self,
             filter: &EventFilter,
-            after_id: i64,
-            limit: u32,
-        ) -> Result<Vec<StoredEvent>, AuditError> {
-            Ok(self
-                .0
-                .iter()
-                .filter(|e| e.id > after_id)
-                .filter(|e| match &filter.ts_window {
-                    Some((from, to)) => e.event.ts >= *from && e.event.ts < *to,
-                    None => true,
+            out: tokio::sync::mpsc::Sender<Vec<RawRow>>,
+        ) -> Result<(), ReadError> {
+            // Batches of two, so that the walk reorders and joins several.
+            let rows: Vec<RawRow> = self
+                .matching(filter)
+                .map(|e| RawRow {
+                    id: e.id,
+                    request_id: e.event.request_id.clone(),
+                    event_id: e.event.event_id.clone(),
+                    ts: e.event.ts.clone(),
+                    actor: e.event.actor.clone(),
+                    action: e.event.action.clone(),
+                    decision: e.event.decision.clone(),
+                    payload: canonical::to_string(&e.event.payload),
+                    prev_hash: e.prev_hash.clone(),
+                    hash: e.hash.clone(),
                 })
-                .take(limit as usize)
-                .cloned()
-                .collect())
+                .collect();
+            for batch in rows.chunks(2) {
+                if out.send(batch.to_vec()).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
         }
-        async fn hash_before(&self, id: i64) -> Result<Option<String>, AuditError> {
+        async fn hash_before(&self, id: i64) -> Result<Option<String>, ReadError> {
             Ok(self
                 .0
                 .iter()
@@ -150,8 +144,8 @@ mod tests {
                 .find(|e| e.id < id)
                 .map(|e| e.hash.clone()))
         }
-        async fn ping(&self) -> Result<(), AuditError> {
-            Ok(())
+        async fn count(&self, filter: &EventFilter) -> Result<u64, ReadError> {
+            Ok(self.matching(filter).count() as u64)
         }
     }
 
@@ -198,10 +192,10 @@ mod tests {
     #[tokio::test]
     async fn windows_whose_events_interleave_with_the_next_day_still_verify() {
         let log = Rows(straddling_midnight());
-        let first = digest(&log, day("2026-02-09")).await.unwrap();
+        let first = digest(&log, day("2026-02-09"), false).await.unwrap();
         assert_eq!(first.event_count, 2);
         assert!(first.chain_valid, "{first:?}");
-        let second = digest(&log, day("2026-02-10")).await.unwrap();
+        let second = digest(&log, day("2026-02-10"), false).await.unwrap();
         assert_eq!(second.event_count, 3);
         assert!(second.chain_valid, "{second:?}");
     }
@@ -211,7 +205,7 @@ mod tests {
         let mut rows = straddling_midnight();
         let removed = rows.remove(3);
         let log = Rows(rows);
-        let d = digest(&log, day("2026-02-10")).await.unwrap();
+        let d = digest(&log, day("2026-02-10"), false).await.unwrap();
         assert!(!d.chain_valid);
         let broken = d.first_broken_event.unwrap();
         assert_eq!(broken.id, removed.id + 2);

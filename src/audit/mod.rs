@@ -5,12 +5,14 @@
 //! [`writer::AuditWriter`] is what the pipeline holds: a single writer task
 //! that group-commits whatever requests queued while the last batch was being
 //! written. [`chain`] holds the hash rule and the verifier shared by
-//! `audit verify`, `audit digest` and every backend.
+//! `audit verify`, `audit digest` and every backend; [`scan`] is how those
+//! two commands read a chain: read-only, streamed, hashed on every core.
 
 pub mod chain;
 pub mod digest;
 pub mod pg_dsn;
 pub mod postgres;
+pub mod scan;
 pub mod sqlite;
 pub mod writer;
 

@@ -20,10 +20,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Postgres, QueryBuilder, Row};
+use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
 
 use super::pg_dsn::PgDsn;
+use super::scan::{BATCH, ChainSource, RawRow, ReadError};
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
 use crate::config::Redactor;
 
@@ -450,6 +452,172 @@ impl AuditLog for PostgresAuditLog {
         let result = sqlx::query("SELECT 1").execute(&mut conn).await;
         let _ = conn.close().await;
         result.map(drop).map_err(|e| self.error(e))
+    }
+}
+
+/// The audit commands' view of the database: every session read-only
+/// (`default_transaction_read_only`), refusing a database without the table.
+/// Rows stream page by page (one short query each, so no snapshot is held
+/// for the whole walk), as they arrive.
+pub struct PostgresChainReader {
+    pool: PgPool,
+    redactor: Redactor,
+    /// `database on host:port`, for messages (never the password).
+    shown: String,
+}
+
+/// Rows per query.
+const READ_PAGE: i64 = 50_000;
+
+impl PostgresChainReader {
+    pub async fn open(dsn: &PgDsn) -> Result<Self, ReadError> {
+        let redactor = Redactor::new(dsn.password_forms());
+        let options: PgConnectOptions = dsn
+            .options()
+            .clone()
+            .application_name("casf-verifier audit")
+            .options([("default_transaction_read_only", "on")])
+            // Pages of a long walk are not slow statements worth a warning.
+            .disable_statement_logging();
+        let shown = format!(
+            "PostgreSQL database {:?} on {}:{}",
+            options.get_database().unwrap_or(options.get_username()),
+            options.get_host(),
+            options.get_port()
+        );
+        // One direct connection first: a pool retries a refused connection
+        // until its timeout and then reports only the timeout.
+        let mut probe = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| {
+                ReadError::Unreachable(format!(
+                    "{shown}: no connection within {}s",
+                    ACQUIRE_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| ReadError::Unreachable(redactor.redact(&format!("{shown}: {e}"))))?;
+        let has_table = sqlx::query_scalar("SELECT to_regclass('audit_events') IS NOT NULL")
+            .fetch_one(&mut probe)
+            .await;
+        let _ = probe.close().await;
+        let reader = PostgresChainReader {
+            pool: PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options),
+            redactor,
+            shown,
+        };
+        let has_table: bool = has_table.map_err(|e| reader.error(e))?;
+        if !has_table {
+            return Err(ReadError::NoSchema(reader.shown.clone()));
+        }
+        Ok(reader)
+    }
+
+    fn error(&self, error: sqlx::Error) -> ReadError {
+        let text = self.redactor.redact(&format!("{}: {error}", self.shown));
+        match &error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                ReadError::Unreachable(text)
+            }
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|code| {
+                    code.starts_with("08") || code.starts_with("57") || code.starts_with("28")
+                }) =>
+            {
+                ReadError::Unreachable(text)
+            }
+            _ => ReadError::Read(text),
+        }
+    }
+}
+
+fn raw_row(row: &PgRow) -> Result<RawRow, sqlx::Error> {
+    Ok(RawRow {
+        id: row.try_get(0)?,
+        request_id: row.try_get(1)?,
+        event_id: row.try_get(2)?,
+        ts: row.try_get(3)?,
+        actor: row.try_get(4)?,
+        action: row.try_get(5)?,
+        decision: row.try_get(6)?,
+        payload: row.try_get(7)?,
+        prev_hash: row.try_get(8)?,
+        hash: row.try_get(9)?,
+    })
+}
+
+#[async_trait]
+impl ChainSource for PostgresChainReader {
+    async fn stream(
+        &self,
+        filter: &EventFilter,
+        out: tokio::sync::mpsc::Sender<Vec<RawRow>>,
+    ) -> Result<(), ReadError> {
+        let sql = match &filter.ts_window {
+            // Bytewise comparison, whatever the database's default collation.
+            Some(_) => format!(
+                "SELECT {COLUMNS} FROM audit_events WHERE id > $1 \
+                 AND ts COLLATE \"C\" >= $3 AND ts COLLATE \"C\" < $4 ORDER BY id LIMIT $2"
+            ),
+            None => {
+                format!("SELECT {COLUMNS} FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2")
+            }
+        };
+        let mut after_id = 0i64;
+        loop {
+            let mut query = sqlx::query(&sql).bind(after_id).bind(READ_PAGE);
+            if let Some((from, to)) = &filter.ts_window {
+                query = query.bind(from).bind(to);
+            }
+            let mut rows = query.fetch(&self.pool);
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut read = 0;
+            while let Some(row) = rows.next().await.transpose().map_err(|e| self.error(e))? {
+                let raw = raw_row(&row).map_err(|e| self.error(e))?;
+                after_id = raw.id;
+                read += 1;
+                batch.push(raw);
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    if out.send(full).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if !batch.is_empty() && out.send(batch).await.is_err() {
+                return Ok(());
+            }
+            if read < READ_PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn hash_before(&self, id: i64) -> Result<Option<String>, ReadError> {
+        sqlx::query_scalar("SELECT hash FROM audit_events WHERE id < $1 ORDER BY id DESC LIMIT 1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn count(&self, filter: &EventFilter) -> Result<u64, ReadError> {
+        let count: i64 = match &filter.ts_window {
+            Some((from, to)) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM audit_events WHERE ts COLLATE \"C\" >= $1 AND ts COLLATE \"C\" < $2",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.pool)
+            .await,
+            None => sqlx::query_scalar("SELECT COUNT(*) FROM audit_events")
+                .fetch_one(&self.pool)
+                .await,
+        }
+        .map_err(|e| self.error(e))?;
+        Ok(count.max(0) as u64)
     }
 }
 

@@ -26,6 +26,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::scan::{BATCH, ChainSource, RawRow, ReadError};
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
 
 const SCHEMA: &str = r#"
@@ -265,6 +266,203 @@ fn stored_event(row: &sqlx::sqlite::SqliteRow) -> Result<StoredEvent, AuditError
         prev_hash: get("prev_hash")?,
         hash: get("hash")?,
     })
+}
+
+/// The audit commands' view of the file: read-only, never creating it (nor
+/// its folder). Rows are read through rusqlite on a blocking thread, page by
+/// page, so no read transaction stays open for long against a live writer.
+/// (A WAL database's own `-wal` and `-shm` files may still be created by
+/// SQLite, as any reader needs them to share the file with a writer.)
+pub struct SqliteChainReader {
+    path: PathBuf,
+    /// The absolute path, for messages.
+    shown: String,
+}
+
+/// Rows per read statement (each its own short read transaction).
+const READ_PAGE: i64 = 50_000;
+
+const READ_COLUMNS: &str =
+    "id, request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash";
+
+impl SqliteChainReader {
+    /// Refuses a missing file and a file without the audit table.
+    pub async fn open(path: &Path) -> Result<Self, ReadError> {
+        let shown = std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_owned())
+            .display()
+            .to_string();
+        let reader = SqliteChainReader {
+            path: path.to_owned(),
+            shown,
+        };
+        let check = reader.clone_for_thread();
+        tokio::task::spawn_blocking(move || {
+            let conn = check.connect()?;
+            let has_table: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_events')",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(|e| check.error(e))?;
+            match has_table {
+                true => Ok(()),
+                false => Err(ReadError::NoSchema(check.shown.clone())),
+            }
+        })
+        .await
+        .map_err(|e| ReadError::Read(e.to_string()))??;
+        Ok(reader)
+    }
+
+    fn clone_for_thread(&self) -> Self {
+        SqliteChainReader {
+            path: self.path.clone(),
+            shown: self.shown.clone(),
+        }
+    }
+
+    fn connect(&self) -> Result<rusqlite::Connection, ReadError> {
+        // Checked first: without CREATE SQLite would refuse anyway, but this
+        // says why, and a missing folder is not created either.
+        if !self.path.is_file() {
+            return Err(ReadError::NoDatabase(self.shown.clone()));
+        }
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn =
+            rusqlite::Connection::open_with_flags(&self.path, flags).map_err(|e| self.error(e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.error(e))?;
+        Ok(conn)
+    }
+
+    fn error(&self, error: rusqlite::Error) -> ReadError {
+        match &error {
+            rusqlite::Error::SqliteFailure(failure, _)
+                if failure.code == rusqlite::ErrorCode::CannotOpen =>
+            {
+                ReadError::NoDatabase(self.shown.clone())
+            }
+            _ => ReadError::Read(format!("{}: {error}", self.shown)),
+        }
+    }
+
+    /// The blocking side of [`ChainSource::stream`].
+    fn stream_blocking(
+        &self,
+        window: Option<(String, String)>,
+        out: &tokio::sync::mpsc::Sender<Vec<RawRow>>,
+    ) -> Result<(), ReadError> {
+        let conn = self.connect()?;
+        let sql = match window {
+            None => format!(
+                "SELECT {READ_COLUMNS} FROM audit_events WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ),
+            Some(_) => format!(
+                "SELECT {READ_COLUMNS} FROM audit_events WHERE id > ?1 AND ts >= ?3 AND ts < ?4 \
+                 ORDER BY id LIMIT ?2"
+            ),
+        };
+        let mut statement = conn.prepare(&sql).map_err(|e| self.error(e))?;
+        let mut after_id = 0i64;
+        loop {
+            let mut rows = match &window {
+                None => statement.query(rusqlite::params![after_id, READ_PAGE]),
+                Some((from, to)) => {
+                    statement.query(rusqlite::params![after_id, READ_PAGE, from, to])
+                }
+            }
+            .map_err(|e| self.error(e))?;
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut read = 0;
+            while let Some(row) = rows.next().map_err(|e| self.error(e))? {
+                let raw = raw_row(row).map_err(|e| self.error(e))?;
+                after_id = raw.id;
+                read += 1;
+                batch.push(raw);
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    if out.blocking_send(full).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if !batch.is_empty() && out.blocking_send(batch).is_err() {
+                return Ok(());
+            }
+            if read < READ_PAGE {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn raw_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        id: row.get(0)?,
+        request_id: row.get(1)?,
+        event_id: row.get(2)?,
+        ts: row.get(3)?,
+        actor: row.get(4)?,
+        action: row.get(5)?,
+        decision: row.get(6)?,
+        payload: row.get(7)?,
+        prev_hash: row.get(8)?,
+        hash: row.get(9)?,
+    })
+}
+
+#[async_trait]
+impl ChainSource for SqliteChainReader {
+    async fn stream(
+        &self,
+        filter: &EventFilter,
+        out: tokio::sync::mpsc::Sender<Vec<RawRow>>,
+    ) -> Result<(), ReadError> {
+        let reader = self.clone_for_thread();
+        let window = filter.ts_window.clone();
+        tokio::task::spawn_blocking(move || reader.stream_blocking(window, &out))
+            .await
+            .map_err(|e| ReadError::Read(e.to_string()))?
+    }
+
+    async fn hash_before(&self, id: i64) -> Result<Option<String>, ReadError> {
+        let reader = self.clone_for_thread();
+        tokio::task::spawn_blocking(move || {
+            reader
+                .connect()?
+                .query_row(
+                    "SELECT hash FROM audit_events WHERE id < ?1 ORDER BY id DESC LIMIT 1",
+                    [id],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(|e| reader.error(e))
+        })
+        .await
+        .map_err(|e| ReadError::Read(e.to_string()))?
+    }
+
+    async fn count(&self, filter: &EventFilter) -> Result<u64, ReadError> {
+        let reader = self.clone_for_thread();
+        let window = filter.ts_window.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.connect()?;
+            let count: i64 = match &window {
+                None => conn.query_row("SELECT COUNT(*) FROM audit_events", [], |row| row.get(0)),
+                Some((from, to)) => conn.query_row(
+                    "SELECT COUNT(*) FROM audit_events WHERE ts >= ?1 AND ts < ?2",
+                    [from, to],
+                    |row| row.get(0),
+                ),
+            }
+            .map_err(|e| reader.error(e))?;
+            Ok(count.max(0) as u64)
+        })
+        .await
+        .map_err(|e| ReadError::Read(e.to_string()))?
+    }
 }
 
 #[cfg(test)]

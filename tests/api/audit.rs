@@ -1,6 +1,8 @@
 //! The audit trail after real traffic: one row per decision, a chain that an
 //! independent implementation can recompute, and tampering caught by the CLI.
 
+use casf_verifier::audit::sqlite::SqliteAuditLog;
+use casf_verifier::audit::{AppendReceipt, AuditLog, NewEvent};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -200,4 +202,158 @@ async fn shutdown_flushes_queued_audit_events() {
         .await
         .unwrap();
     assert_eq!(count as usize, decisions);
+}
+
+/// `casf-verifier audit <args>` on the SQLite file `db`, from `cwd`.
+fn audit_on(db: &std::path::Path, cwd: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_casf-verifier"))
+        .arg("audit")
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("CASF_AUDIT_SQLITE", db)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run casf-verifier audit")
+}
+
+/// Exit 2 with `needle` in one refusal line on stderr, nothing on stdout.
+fn assert_refused_once(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+}
+
+#[test]
+fn audit_commands_on_a_missing_database_exit_2_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("mistyped");
+    let db = parent.join("casf-audit.db");
+    let beside = dir.path().join("casf-audit.db");
+    for args in [&["verify"][..], &["digest"], &["digest", "2026-02-09"]] {
+        // Absolute, and relative to the working directory: the message
+        // gives the absolute path either way.
+        let out = audit_on(&db, dir.path(), args);
+        assert_refused_once(&out, &format!("no audit database at {}", db.display()));
+        let out = audit_on(
+            std::path::Path::new("mistyped/casf-audit.db"),
+            dir.path(),
+            args,
+        );
+        assert_refused_once(&out, &format!("no audit database at {}", db.display()));
+        let out = audit_on(&beside, dir.path(), args);
+        assert_refused_once(&out, &beside.display().to_string());
+    }
+    assert!(!parent.exists(), "the parent directory was created");
+    for file in ["casf-audit.db", "casf-audit.db-wal", "casf-audit.db-shm"] {
+        assert!(!dir.path().join(file).exists(), "{file} was created");
+    }
+}
+
+#[test]
+fn audit_commands_on_an_unmigrated_sqlite_file_exit_2_naming_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("other.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("CREATE TABLE unrelated (x INTEGER)")
+        .unwrap();
+    for args in [&["verify"][..], &["digest"]] {
+        let out = audit_on(&db, dir.path(), args);
+        assert_refused_once(&out, &format!("audit schema missing in {}", db.display()));
+        assert_refused_once(&out, "run `casf-verifier migrate`");
+    }
+    let tables: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'audit_events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0, "the audit commands created the schema");
+}
+
+/// `count` synthetic events appended through the store, as the writer would.
+pub(crate) async fn append_synthetic(log: &dyn AuditLog, count: usize) -> Vec<AppendReceipt> {
+    let mut receipts = Vec::with_capacity(count);
+    let events: Vec<NewEvent> = (0..count)
+        .map(|i| {
+            NewEvent::now(
+                &format!("deep-{i}"),
+                "role:nurse".into(),
+                "twilio.send_sms",
+                "ALLOW",
+                json!({"i": i, "note": "Zoë — 東京", "fee": 12.5, "nested": {"b": [1, 2.5], "a": null}}),
+            )
+        })
+        .collect();
+    for batch in events.chunks(4000) {
+        receipts.extend(log.append_batch(batch).await.unwrap());
+    }
+    receipts
+}
+
+#[tokio::test]
+async fn a_break_deep_in_a_long_sqlite_chain_is_reported_at_its_exact_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let log = SqliteAuditLog::open(&db).await.unwrap();
+    let receipts = append_synthetic(&log, 20_000).await;
+    drop(log);
+
+    let valid = audit_on(&db, dir.path(), &["verify"]);
+    assert_eq!(valid.status.code(), Some(0), "{valid:?}");
+    let last = &receipts.last().unwrap().hash;
+    assert_eq!(
+        String::from_utf8_lossy(&valid.stdout).trim(),
+        format!("chain valid: 20000 events, last hash {last}")
+    );
+    // Piped, so no progress line.
+    assert!(valid.stderr.is_empty(), "{valid:?}");
+
+    // Mid-batch for the walk's 1,024-row batches, and past a 4,000-row append.
+    let victim = receipts[10_500].id;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("DROP TRIGGER audit_events_no_update")
+        .unwrap();
+    conn.execute(
+        "UPDATE audit_events SET payload = replace(payload, '12.5', '1.25') WHERE id = ?1",
+        [victim],
+    )
+    .unwrap();
+    // A later linkage break must not hide the earlier one.
+    conn.execute(
+        "UPDATE audit_events SET prev_hash = 'x' WHERE id = ?1",
+        [receipts[15_000].id],
+    )
+    .unwrap();
+    drop(conn);
+    let event_id: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT event_id FROM audit_events WHERE id = ?1",
+            [victim],
+            |r| r.get(0),
+        )
+        .unwrap();
+
+    let broken = audit_on(&db, dir.path(), &["verify"]);
+    assert_eq!(broken.status.code(), Some(1), "{broken:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&broken.stdout).trim(),
+        format!(
+            "chain broken at event id {victim} (event_id {event_id}): \
+             hash does not match the recomputed hash of the stored columns"
+        )
+    );
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let digest = audit_on(&db, dir.path(), &["digest", &today]);
+    assert_eq!(digest.status.code(), Some(1), "{digest:?}");
+    let digest: Value = serde_json::from_slice(&digest.stdout).unwrap();
+    assert_eq!(digest["event_count"], 20_000);
+    assert_eq!(digest["first_broken_event"]["id"], victim);
+    assert_eq!(digest["last_hash"], last.as_str());
 }

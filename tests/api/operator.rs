@@ -112,7 +112,9 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
         ]
     );
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
-    let allowed = ["decision", "trigger", "kind", "door", "reason", "le"];
+    let allowed = [
+        "decision", "trigger", "kind", "door", "reason", "le", "mode",
+    ];
     // casf_build_info's two labels have one value per binary.
     for sample in text
         .lines()
@@ -427,7 +429,9 @@ async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
     let http = ready["http"].as_str().unwrap().to_owned();
 
     let request_id = format!("decision-log-{}", uuid::Uuid::new_v4());
-    let response = reqwest::Client::new()
+    let response = casf_verifier::tls::http_client_builder()
+        .build()
+        .unwrap()
         .post(format!("http://{http}/verify"))
         .json(&json!({
             "request_id": request_id, "tool": "twilio.send_sms", "mode": "ALLOW",

@@ -649,3 +649,81 @@ async fn a_nul_character_is_refused_before_it_can_reach_jsonb() {
         .await;
     assert_eq!(db.rows().await.len(), 1);
 }
+
+#[tokio::test]
+async fn audit_commands_on_an_unmigrated_database_exit_2_naming_migrate() {
+    let db = TestDb::create().await;
+    for args in [&["audit", "verify"][..], &["audit", "digest"]] {
+        let out = cli(&db.dsn, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", printed(&out));
+        assert_eq!(stderr.lines().count(), 1, "printed once: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "audit schema missing in PostgreSQL database \"{}\"",
+                db.name
+            )),
+            "{stderr}"
+        );
+        assert!(stderr.contains("run `casf-verifier migrate`"), "{stderr}");
+        assert!(!stderr.contains("casf-test-secret"), "{stderr}");
+    }
+    // Read-only: nothing was created on the way.
+    let pool = db.pool().await;
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('audit_events')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(table, None);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_break_deep_in_a_long_postgres_chain_is_reported_at_its_exact_id() {
+    let db = TestDb::migrated().await;
+    let log = PostgresAuditLog::open(&PgDsn::parse(&db.dsn).expect("DSN"))
+        .await
+        .unwrap();
+    let receipts = crate::audit::append_synthetic(&log, 20_000).await;
+    drop(log);
+    let last = &receipts.last().unwrap().hash;
+    let valid = cli(&db.dsn, &["audit", "verify"]);
+    assert_eq!(valid.status.code(), Some(0), "{}", printed(&valid));
+    assert_eq!(
+        printed(&valid).trim(),
+        format!("chain valid: 20000 events, last hash {last}")
+    );
+
+    let victim = receipts[10_500].id;
+    let pool = db.pool().await;
+    disable_append_only_guard(&pool).await;
+    sqlx::query(
+        "UPDATE audit_events SET payload = jsonb_set(payload, '{fee}', '1.25') WHERE id = $1",
+    )
+    .bind(victim)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let event_id: String =
+        sqlx::query_scalar("SELECT event_id::text FROM audit_events WHERE id = $1")
+            .bind(victim)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+
+    let broken = cli(&db.dsn, &["audit", "verify"]);
+    assert_eq!(broken.status.code(), Some(1), "{}", printed(&broken));
+    assert_eq!(
+        printed(&broken).trim(),
+        format!(
+            "chain broken at event id {victim} (event_id {event_id}): \
+             hash does not match the recomputed hash of the stored columns"
+        )
+    );
+    let digest = cli(&db.dsn, &["audit", "digest", &today()]);
+    assert_eq!(digest.status.code(), Some(1), "{}", printed(&digest));
+    let digest: Value = serde_json::from_slice(&digest.stdout).unwrap();
+    assert_eq!(digest["event_count"], 20_000);
+    assert_eq!(digest["first_broken_event"]["id"], victim);
+}
