@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::audit::pg_dsn::PgDsn;
+use crate::domain::Mode;
 pub use crate::secret::SecretUrl;
 use crate::state::DEFAULT_PENDING_TTL;
 pub use crate::telemetry::LogFormat;
@@ -194,6 +195,18 @@ pub const VARIABLES: &[Variable] = &[
         "false",
         "true logs one line per decision (door, tool, role, decision, violations, latency, audit hash; never args or subject)",
     ),
+    var(
+        "CASF_MODE_FLOOR",
+        "mode-floor",
+        "ALLOW",
+        "the operator's mode floor: every decision runs under the stricter of this and the caller's mode (ALLOW < STEP_UP < READ_ONLY < KILL_SWITCH)",
+    ),
+    var(
+        "CASF_MODE_FLOOR_FILE",
+        "mode-floor-file",
+        "unset",
+        "a file naming a mode, re-read every 200 ms: the floor is the stricter of it and CASF_MODE_FLOOR, changed without a restart",
+    ),
 ];
 
 /// Variables read by libraries rather than by [`Settings`]; `--help` lists
@@ -365,6 +378,11 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `CASF_DECISION_LOG`: one log line per decision.
     pub decision_log: bool,
+    /// `CASF_MODE_FLOOR`: the lowest mode any decision runs under.
+    pub mode_floor: Mode,
+    /// `CASF_MODE_FLOOR_FILE`: followed at run time, never lowering the floor
+    /// below `mode_floor`.
+    pub mode_floor_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -498,6 +516,12 @@ impl Settings {
                 })?,
             },
             decision_log: parse_bool("CASF_DECISION_LOG", get("CASF_DECISION_LOG")?, false)?,
+            mode_floor: match get("CASF_MODE_FLOOR")? {
+                None => Mode::Allow,
+                Some(raw) => Mode::parse(raw.trim())
+                    .map_err(|e| invalid("CASF_MODE_FLOOR", e.to_string()))?,
+            },
+            mode_floor_file: get("CASF_MODE_FLOOR_FILE")?.map(PathBuf::from),
         })
     }
 

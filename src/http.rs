@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::domain::VerifyRequest;
+use crate::ext_authz::respond::MODE_APPLIED_HEADER;
 use crate::health::{Health, Readiness};
 use crate::metrics::{Door, DoorRejection};
 use crate::pipeline::Pipeline;
@@ -111,7 +112,14 @@ async fn verify(
     // The pipeline finishes the decision even if this handler is dropped
     // because the client went away.
     let verdict = state.pipeline.decide(request, Door::Http).await;
-    (StatusCode::OK, axum::Json(verdict.response)).into_response()
+    let mut answer = (StatusCode::OK, axum::Json(verdict.response)).into_response();
+    if let Some(mode) = verdict.floor_applied {
+        answer.headers_mut().insert(
+            MODE_APPLIED_HEADER,
+            header::HeaderValue::from_static(mode.as_str()),
+        );
+    }
+    answer
 }
 
 async fn health() -> Response {

@@ -101,11 +101,13 @@ pub fn read_floor_file(path: &Path) -> Result<Mode, FloorFileError> {
 }
 
 /// Follows `path` until `stop` resolves: each change of the mode it names
-/// becomes the floor, logged and shown in `casf_mode_floor`. A file that
-/// cannot be read or parsed keeps the floor where it was, with an error
-/// logged once per distinct problem, so a botched edit never lowers it.
+/// makes the floor the stricter of that mode and `base`, logged and shown in
+/// `casf_mode_floor`. A file that cannot be read or parsed keeps the floor
+/// where it was, with an error logged once per distinct problem, so a
+/// botched edit never lowers it.
 pub async fn follow_file(
     floor: Arc<ModeFloor>,
+    base: Mode,
     path: PathBuf,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()>,
@@ -120,8 +122,9 @@ pub async fn follow_file(
             _ = ticker.tick() => {}
         }
         match read_floor_file(&path) {
-            Ok(mode) => {
+            Ok(named) => {
                 last_problem = None;
+                let mode = stricter(base, named);
                 let previous = floor.set(mode);
                 if previous != mode {
                     metrics.mode_floor(mode);
@@ -182,6 +185,7 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let follower = tokio::spawn(follow_file(
             floor.clone(),
+            Mode::Allow,
             path.clone(),
             metrics.clone(),
             async move {

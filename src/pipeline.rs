@@ -972,4 +972,116 @@ mod tests {
             assert!(text.lines().any(|l| l == "casf_verify_total 1"), "{name}");
         }
     }
+
+    /// The operator's floor against the caller's mode: the stricter one
+    /// decides, a stored ALLOW is not replayed past it, the payload records
+    /// it, and a decision it changed is released rather than remembered.
+    #[tokio::test]
+    async fn the_mode_floor_wins_over_the_callers_mode() {
+        struct Case {
+            name: &'static str,
+            floor: Mode,
+            tool: Tool,
+            claim: Claiming,
+            violations: &'static [&'static str],
+            applied: Option<Mode>,
+            end: ClaimEnd,
+        }
+        let cases = [
+            Case {
+                name: "ALLOW floor: the caller's mode",
+                floor: Mode::Allow,
+                tool: Tool::CreateAppointment,
+                claim: Claiming::Claims(Works),
+                violations: &[],
+                applied: None,
+                end: ClaimEnd::Stored,
+            },
+            Case {
+                name: "kill switch over a caller's ALLOW",
+                floor: Mode::KillSwitch,
+                tool: Tool::SummaryHistory,
+                claim: Claiming::Claims(Works),
+                violations: &[violation::MODE_KILL_SWITCH],
+                applied: Some(Mode::KillSwitch),
+                end: ClaimEnd::Released,
+            },
+            Case {
+                name: "READ_ONLY floor denies a write",
+                floor: Mode::ReadOnly,
+                tool: Tool::GenerateInvoice,
+                claim: Claiming::Claims(Works),
+                violations: &[violation::MODE_READ_ONLY_NO_WRITE],
+                applied: Some(Mode::ReadOnly),
+                end: ClaimEnd::Released,
+            },
+            Case {
+                name: "a stored ALLOW is not replayed past the kill switch",
+                floor: Mode::KillSwitch,
+                tool: Tool::CreateAppointment,
+                claim: Claiming::Cached,
+                violations: &[violation::MODE_KILL_SWITCH],
+                applied: Some(Mode::KillSwitch),
+                end: ClaimEnd::Untouched,
+            },
+            Case {
+                name: "a stored ALLOW of a read replays under READ_ONLY",
+                floor: Mode::ReadOnly,
+                tool: Tool::SummaryHistory,
+                claim: Claiming::Cached,
+                violations: &[],
+                applied: None,
+                end: ClaimEnd::Untouched,
+            },
+        ];
+        for case in cases {
+            let name = case.name;
+            let state = Arc::new(FakeState {
+                claim: case.claim,
+                store: Works,
+                limiter: Works,
+                sms_count: 1,
+                ends: Mutex::new(Vec::new()),
+            });
+            let log = Arc::new(FakeAudit {
+                port: Works,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let pipeline = Arc::new(
+                Pipeline::new(
+                    Arc::new(FakePolicy(Works, false)),
+                    Some(state.clone()),
+                    state.clone(),
+                    Some(writer),
+                    metrics.clone(),
+                    SmsLimit::default(),
+                )
+                .with_mode_floor(Arc::new(ModeFloor::new(case.floor))),
+            );
+            let verdict = pipeline.decide(request(case.tool), Door::Http).await;
+            assert_eq!(verdict.response.violations, case.violations, "{name}");
+            assert_eq!(verdict.floor_applied, case.applied, "{name}");
+            let ends = state.ends.lock().unwrap().clone();
+            let expected: Vec<ClaimEnd> = match case.end {
+                ClaimEnd::Untouched => vec![],
+                end => vec![end],
+            };
+            assert_eq!(ends, expected, "{name}: claim");
+            let events = log.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1, "{name}: one audit row");
+            assert_eq!(
+                events[0]
+                    .payload
+                    .get("mode_applied")
+                    .and_then(Value::as_str),
+                case.applied.map(Mode::as_str),
+                "{name}: payload"
+            );
+            assert_eq!(events[0].payload["request"]["mode"], "ALLOW", "{name}");
+            let floor_series = format!("casf_mode_floor{{mode=\"{}\"}} 1", case.floor.as_str());
+            assert!(metrics.encode().contains(&floor_series), "{name}");
+        }
+    }
 }

@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
@@ -26,10 +27,12 @@ use crate::audit::{AuditError, AuditLog};
 use crate::config::{
     AuditBackend, ConfigError, PolicyBackend, Redactor, RoutesFile, Settings, StateBackend,
 };
+use crate::domain::Mode;
 use crate::ext_authz::routes::{RouteMap, RouteMapError};
 use crate::health::Readiness;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
+use crate::mode_floor::{ModeFloor, read_floor_file, stricter};
 use crate::pipeline::{Pipeline, SmsLimit};
 use crate::policy::PolicyEngine;
 use crate::policy::embedded::{EmbeddedPolicy, PolicyLoadError};
@@ -57,6 +60,8 @@ pub enum StartupError {
     },
     #[error("routes: {0}")]
     Routes(#[from] RouteMapError),
+    #[error("CASF_MODE_FLOOR_FILE: {0}")]
+    ModeFloor(#[from] crate::mode_floor::FloorFileError),
     #[error("{var} is set, but this build has no {backend} backend yet")]
     Unsupported {
         var: &'static str,
@@ -168,6 +173,8 @@ pub struct Application {
     routes: Arc<RouteMap>,
     routes_summary: String,
     audit_task: Option<JoinHandle<()>>,
+    /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
+    mode_floor: (Arc<ModeFloor>, Mode, Option<PathBuf>),
 }
 
 impl Application {
@@ -199,6 +206,16 @@ impl Application {
             metrics.track_state_keys(state.max_keys(), move || state.keys_held());
         }
         let metrics = Arc::new(metrics);
+        // A floor file that cannot be read refuses to start: the operator
+        // asked for a floor, and guessing one could be too low.
+        let initial_floor = match &settings.mode_floor_file {
+            None => settings.mode_floor,
+            Some(path) => stricter(settings.mode_floor, read_floor_file(path)?),
+        };
+        let floor = Arc::new(ModeFloor::new(initial_floor));
+        if initial_floor != Mode::Allow {
+            tracing::warn!(floor = %initial_floor, "mode floor in force: no decision runs under a lower mode");
+        }
         let pipeline = Pipeline::new(
             policy.clone(),
             settings.anti_replay_enabled.then(|| replay.clone()),
@@ -206,7 +223,8 @@ impl Application {
             writer,
             metrics,
             SmsLimit::default(),
-        );
+        )
+        .with_mode_floor(floor.clone());
         let readiness = Readiness {
             audit: audit_log,
             state: replay,
@@ -236,6 +254,7 @@ impl Application {
             routes: Arc::new(routes),
             routes_summary,
             audit_task,
+            mode_floor: (floor, settings.mode_floor, settings.mode_floor_file.clone()),
         })
     }
 
@@ -264,6 +283,7 @@ impl Application {
             state,
             routes,
             audit_task,
+            mode_floor: (floor, floor_base, floor_file),
             ..
         } = self;
         let (drain, draining) = watch::channel(false);
@@ -281,6 +301,15 @@ impl Application {
             // An error means the sender is gone, which also means stop.
             let _ = draining.wait_for(|draining| *draining).await;
         };
+        if let Some(path) = floor_file {
+            tokio::spawn(crate::mode_floor::follow_file(
+                floor,
+                floor_base,
+                path,
+                state.pipeline.metrics().clone(),
+                stopped(draining.clone()),
+            ));
+        }
         let grpc = crate::grpc::serve(
             grpc_listener,
             state.pipeline.clone(),

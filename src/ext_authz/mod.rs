@@ -62,12 +62,18 @@ impl ExtAuthz {
             Outcome::Decided {
                 request_id,
                 verdict,
-            } => respond::decision(
-                &verdict.response,
-                &request_id,
-                verdict.audit.as_ref().map(|receipt| receipt.hash.as_str()),
-                &self.routes.identity.headers,
-            ),
+            } => {
+                let answer = respond::decision(
+                    &verdict.response,
+                    &request_id,
+                    verdict.audit.as_ref().map(|receipt| receipt.hash.as_str()),
+                    &self.routes.identity.headers,
+                );
+                match verdict.floor_applied {
+                    Some(mode) => respond::with_mode_applied(answer, mode),
+                    None => answer,
+                }
+            }
             Outcome::Refused {
                 request_id,
                 error: error @ CheckError::Unmapped { .. },

@@ -17,12 +17,15 @@ use envoy_types::pb::google::rpc::Status;
 use serde_json::Value;
 
 use super::routes::IdentityHeaders;
-use crate::domain::{Decision, VerifyResponse, violation};
+use crate::domain::{Decision, Mode, VerifyResponse, violation};
 
 /// Headers the verifier sets on requests it lets through.
 pub const DECISION_HEADER: &str = "x-casf-decision";
 pub const REQUEST_ID_HEADER: &str = "x-casf-request-id";
 pub const ALLOWED_OUTPUTS_HEADER: &str = "x-casf-allowed-outputs";
+/// The mode a decision ran under when the operator's floor raised the
+/// caller's (also on `/verify` answers).
+pub const MODE_APPLIED_HEADER: &str = "x-casf-mode-applied";
 
 /// `google.rpc.Code` values used here.
 mod code {
@@ -182,6 +185,18 @@ fn denied(
             body,
         })),
     }
+}
+
+/// `response` with [`MODE_APPLIED_HEADER`]: to the upstream on ALLOW, to
+/// the caller otherwise.
+pub fn with_mode_applied(mut response: CheckResponse, mode: Mode) -> CheckResponse {
+    let applied = header(MODE_APPLIED_HEADER, mode.as_str());
+    match &mut response.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok.headers.push(applied),
+        Some(HttpResponse::DeniedResponse(denied)) => denied.headers.push(applied),
+        _ => {}
+    }
+    response
 }
 
 /// Serialising a `VerifyResponse` cannot fail; this keeps the deny JSON anyway.

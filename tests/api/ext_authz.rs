@@ -641,3 +641,53 @@ async fn ambiguous_checks_are_bad_requests_like_on_verify() {
         json!(["Inv_ReplayPayloadMismatch"])
     );
 }
+
+/// The operator's floor holds on the Envoy door too: a caller's mode header
+/// cannot lower it, and the answer says which mode applied.
+#[tokio::test]
+async fn the_mode_floor_holds_whatever_mode_header_the_caller_sends() {
+    let app = spawn_app_with(&[("CASF_MODE_FLOOR", "READ_ONLY")]).await;
+    let write = check(
+        "POST",
+        "/cliniccloud/patients/p-1/appointments",
+        &[("x-request-id", &fresh_id()), ("x-casf-mode", "ALLOW")],
+        r#"{"slot": "2026-12-01T09:00"}"#,
+        nurse(),
+    );
+    let response = call(&app, write).await;
+    let (status, body) = denied(&response);
+    assert_eq!(status, 403);
+    assert_eq!(body["violations"], json!(["Mode_ReadOnly_NoWrite"]));
+    let Some(HttpResponse::DeniedResponse(answer)) = &response.http_response else {
+        unreachable!()
+    };
+    let applied = answer
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == "x-casf-mode-applied")
+        .expect("the mode that applied");
+    assert_eq!(applied.value, "READ_ONLY");
+
+    // A read still goes through, under the floor's mode.
+    let read = check(
+        "GET",
+        "/cliniccloud/patients/p-1/appointments",
+        &[("x-request-id", &fresh_id()), ("x-casf-mode", "ALLOW")],
+        "",
+        nurse(),
+    );
+    let response = call(&app, read).await;
+    assert_eq!(code(&response), OK);
+    let Some(HttpResponse::OkResponse(ok)) = &response.http_response else {
+        panic!("not allowed: {response:?}")
+    };
+    let upstream: HashMap<&str, &str> = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect();
+    assert_eq!(upstream["x-casf-mode-applied"], "READ_ONLY");
+    assert_eq!(upstream["x-casf-allowed-outputs"], "slots_aggregated");
+}

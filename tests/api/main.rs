@@ -9,6 +9,7 @@ mod contract;
 mod disconnect;
 mod ext_authz;
 mod helpers;
+mod mode_floor;
 mod opa_policy;
 mod operator;
 mod pg;
