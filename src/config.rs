@@ -155,6 +155,24 @@ pub const VARIABLES: &[Variable] = &[
         "false",
         "true logs one line per decision (door, tool, role, decision, violations, latency, audit hash; never args or subject)",
     ),
+    var(
+        "CASF_AUDIT_SPOOL",
+        "audit-spool",
+        "unset: no spool",
+        "directory of the local spool that keeps PostgreSQL audit events through an outage",
+    ),
+    var(
+        "CASF_AUDIT_SPOOL_MAX_BYTES",
+        "audit-spool-max-bytes",
+        "268435456",
+        "bound of the audit spool file (256 MiB)",
+    ),
+    var(
+        "CASF_AUDIT_STRICT",
+        "audit-strict",
+        "false",
+        "true: a write whose event is neither appended nor spooled fails closed",
+    ),
 ];
 
 /// Variables read by libraries rather than by [`Settings`]; `--help` lists
@@ -360,6 +378,12 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `CASF_DECISION_LOG`: one log line per decision.
     pub decision_log: bool,
+    /// `CASF_AUDIT_SPOOL`: where PostgreSQL audit events wait out an outage.
+    pub audit_spool: Option<PathBuf>,
+    /// `CASF_AUDIT_SPOOL_MAX_BYTES`.
+    pub audit_spool_max_bytes: u64,
+    /// `CASF_AUDIT_STRICT`.
+    pub audit_strict: bool,
 }
 
 impl Settings {
@@ -477,6 +501,14 @@ impl Settings {
                 })?,
             },
             decision_log: parse_bool("CASF_DECISION_LOG", get("CASF_DECISION_LOG")?, false)?,
+            audit_spool: get("CASF_AUDIT_SPOOL")?.map(PathBuf::from),
+            audit_spool_max_bytes: parse_positive(
+                "CASF_AUDIT_SPOOL_MAX_BYTES",
+                get("CASF_AUDIT_SPOOL_MAX_BYTES")?,
+                crate::audit::spool::DEFAULT_MAX_BYTES,
+                " of bytes",
+            )?,
+            audit_strict: parse_bool("CASF_AUDIT_STRICT", get("CASF_AUDIT_STRICT")?, false)?,
         })
     }
 

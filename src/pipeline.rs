@@ -24,7 +24,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::audit::writer::AuditWriter;
-use crate::audit::{AppendReceipt, NewEvent};
+use crate::audit::{AppendReceipt, AuditError, NewEvent};
 use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::policy::PolicyEngine;
@@ -108,6 +108,15 @@ struct Progress {
 }
 
 /// The answer when the verifier itself could not decide.
+/// Whether the audit step itself turned the answer into a fail-closed deny.
+fn audit_failed_closed(verdict: &Verdict) -> bool {
+    verdict
+        .response
+        .violations
+        .iter()
+        .any(|v| v == violation::AUDIT_UNRECORDED)
+}
+
 fn internal_error() -> VerifyResponse {
     VerifyResponse::from_violations(
         vec![
@@ -331,6 +340,7 @@ impl Pipeline {
         let verdict = self
             .audited(request, input, request.tool.as_str(), response)
             .await;
+        let failed_closed = failed_closed || audit_failed_closed(&verdict);
         progress.audited = Some((verdict.clone(), failed_closed));
         if progress.claimed {
             self.store_or_release(request, &fingerprint, &verdict, failed_closed)
@@ -392,6 +402,18 @@ impl Pipeline {
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
                 tracing::error!(%error, "audit append failed");
+                if matches!(error, AuditError::NotRecorded(_)) && request.tool.is_write() {
+                    // Strict: a write with no record anywhere is not allowed
+                    // to happen; the claim is then released (see below).
+                    self.metrics.fail_closed(Trigger::Audit);
+                    response = VerifyResponse::from_violations(
+                        vec![
+                            violation::FAIL_CLOSED.to_owned(),
+                            violation::AUDIT_UNRECORDED.to_owned(),
+                        ],
+                        Vec::new(),
+                    );
+                }
                 response.reason.push_str(AUDIT_FAILED_SUFFIX);
                 Verdict {
                     response,

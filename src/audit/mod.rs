@@ -11,6 +11,7 @@ pub mod chain;
 pub mod digest;
 pub mod pg_dsn;
 pub mod postgres;
+pub mod spool;
 pub mod sqlite;
 pub mod writer;
 
@@ -77,6 +78,10 @@ pub enum AuditError {
     Rejected(String),
     #[error("audit writer has shut down")]
     Closed,
+    /// Neither the chain nor the spool holds the event, and
+    /// `CASF_AUDIT_STRICT=true`: a write must fail closed.
+    #[error("event recorded nowhere (strict): {0}")]
+    NotRecorded(String),
 }
 
 impl AuditError {
@@ -87,6 +92,7 @@ impl AuditError {
             AuditError::Timeout => "timeout",
             AuditError::Rejected(_) => "rejected",
             AuditError::Closed => "closed",
+            AuditError::NotRecorded(_) => "not_recorded",
         }
     }
 }
@@ -121,4 +127,14 @@ pub trait AuditLog: Send + Sync {
 
     /// Readiness probe.
     async fn ping(&self) -> Result<(), AuditError>;
+
+    /// Which of `event_ids` the chain already holds, so that a spooled event
+    /// whose first commit did land (its acknowledgement lost) is not
+    /// appended twice. Only stores that take a spool need it.
+    async fn present_event_ids(
+        &self,
+        _event_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, AuditError> {
+        Ok(std::collections::HashSet::new())
+    }
 }
