@@ -139,13 +139,20 @@ async fn run(
         } else {
             Some(queue.recv_many(&mut jobs, MAX_BATCH).await)
         };
-        match received {
+        let idle = match received {
             Some(0) => break,
-            Some(_) => batch(log.as_ref(), &mut jobs, &mut unreachable, spool.as_mut()).await,
-            None => {}
-        }
+            Some(_) => {
+                batch(log.as_ref(), &mut jobs, &mut unreachable, spool.as_mut()).await;
+                false
+            }
+            None => true,
+        };
+        // After a batch, drain only if that batch reached the store: a
+        // second probe per batch would double what an outage costs each
+        // decision. While idle, the timer probes.
         if let Some(setup) = spool.as_mut()
             && setup.spool.depth() > 0
+            && (idle || !unreachable)
         {
             drain_one(log.as_ref(), setup, &mut unreachable).await;
         }
