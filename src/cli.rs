@@ -320,7 +320,27 @@ async fn migrate(settings: Settings) -> ExitCode {
     }
 }
 
+/// Says on stderr (stdout stays the report) when `CASF_AUDIT_SPOOL` still
+/// holds events: they are decisions the chain does not show yet.
+fn note_spooled(settings: &Settings) {
+    let Some(dir) = &settings.audit_spool else {
+        return;
+    };
+    match crate::audit::spool::waiting(dir) {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "casf-verifier: note: {n} audit events are still spooled in {} and not yet in the chain",
+            dir.display()
+        ),
+        Err(error) => eprintln!(
+            "casf-verifier: note: cannot read the audit spool {}: {error}",
+            dir.display()
+        ),
+    }
+}
+
 async fn audit(settings: Settings, action: AuditCommand) -> ExitCode {
+    note_spooled(&settings);
     let redactor = Redactor::new(settings.secrets());
     let unreachable = |error: String| {
         eprintln!(

@@ -100,6 +100,28 @@ fn parse_line(line: &[u8]) -> Option<NewEvent> {
         .map(NewEvent::from)
 }
 
+/// Events waiting in the spool in `dir`, read without changing it (for the
+/// `audit` commands, which may run beside a live verifier). A torn last
+/// record is not counted.
+pub fn waiting(dir: &Path) -> std::io::Result<u64> {
+    let file = match File::open(dir.join(FILE_NAME)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let (mut count, mut line) = (0, Vec::new());
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(count);
+        }
+        if parse_line(&line).is_some() {
+            count += 1;
+        }
+    }
+}
+
 pub struct Spool {
     path: PathBuf,
     file: File,
@@ -311,9 +333,11 @@ mod tests {
         file.set_len(full - 7).unwrap();
         drop(file);
 
+        assert_eq!(waiting(dir.path()).unwrap(), 1);
         let mut spool = Spool::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
         assert_eq!(spool.depth(), 1);
         spool.append(&[event("c")]).unwrap();
+        assert_eq!(waiting(dir.path()).unwrap(), 2);
         let (events, _) = spool.peek(10).unwrap();
         let ids: Vec<_> = events.iter().map(|e| e.request_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);

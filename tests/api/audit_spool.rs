@@ -179,6 +179,18 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
     cluster.resume();
     let log = PostgresAuditLog::open(&dsn).await.unwrap();
     log.append_batch(&spooled[..1]).await.unwrap();
+    // `audit verify` passes on what the chain holds, and says what waits.
+    let verify = crate::pg::binary(&dsn)
+        .env("CASF_AUDIT_SPOOL", dir.path())
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
+    assert!(
+        printed(&verify).contains("3 audit events are still spooled"),
+        "{}",
+        printed(&verify)
+    );
 
     let server = Server::spawn_with(&dsn, &spool_env);
     wait_until(
@@ -256,6 +268,17 @@ async fn a_full_spool_fails_writes_closed_when_strict_and_counts_them_lost_other
     );
     assert_eq!(scrape(&loose, "casf_audit_lost_total").await, 1.0);
     assert_eq!(scrape(&loose, "casf_audit_spooled_total").await, 0.0);
+
+    // The strict deny released its claim: once PostgreSQL is back, a retry
+    // of the same request gets a real decision, not a replay of the deny.
+    cluster.resume();
+    wait_until(Duration::from_secs(30), "/healthz back to 200", || async {
+        strict.get("/healthz").await.0 == 200
+    })
+    .await;
+    let retried = strict.decide(&write).await;
+    assert_eq!(retried["decision"], "ALLOW", "{retried}");
+    assert_eq!(retried["reason"], "OK", "{retried}");
 }
 
 fn write_again() -> Value {
