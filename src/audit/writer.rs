@@ -129,12 +129,21 @@ async fn run(
     {
         tracing::warn!(events = setup.spool.depth(), path = %setup.spool.path().display(), "audit spool holds events from an earlier run; draining them into the chain");
     }
+    // Whether the last drain moved a batch: then the next follows at once
+    // (after any queued requests), else after DRAIN_RETRY.
+    let mut draining = true;
     loop {
         let pending = spool.as_ref().is_some_and(|s| s.spool.depth() > 0);
         let received = if pending {
+            let pause = if draining {
+                Duration::ZERO
+            } else {
+                DRAIN_RETRY
+            };
             tokio::select! {
+                biased;
                 n = queue.recv_many(&mut jobs, MAX_BATCH) => Some(n),
-                () = tokio::time::sleep(DRAIN_RETRY) => None,
+                () = tokio::time::sleep(pause) => None,
             }
         } else {
             Some(queue.recv_many(&mut jobs, MAX_BATCH).await)
@@ -154,7 +163,9 @@ async fn run(
             && setup.spool.depth() > 0
             && (idle || !unreachable)
         {
-            drain_one(log.as_ref(), setup, &mut unreachable).await;
+            draining = drain_one(log.as_ref(), setup, &mut unreachable).await;
+        } else if idle {
+            draining = false;
         }
     }
     tracing::debug!("audit writer drained and stopped");
@@ -234,16 +245,16 @@ fn spool_failed(
 
 /// Moves the oldest spooled batch into the chain, unless the store is
 /// still away. Events already in the chain (a commit whose acknowledgement
-/// was lost) are skipped by `event_id`.
-async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut bool) {
+/// was lost) are skipped by `event_id`. Whether a batch was drained.
+async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut bool) -> bool {
     if *unreachable && probe(log).await.is_err() {
-        return;
+        return false;
     }
     let (events, end) = match setup.spool.peek(MAX_BATCH) {
         Ok(found) => found,
         Err(error) => {
             tracing::error!(%error, "audit spool unreadable: draining stops");
-            return;
+            return false;
         }
     };
     let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
@@ -252,7 +263,7 @@ async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut
         Err(error) => {
             *unreachable = matches!(error, AuditError::Unavailable(_) | AuditError::Timeout);
             tracing::warn!(%error, "audit spool: cannot check the chain; drain retried later");
-            return;
+            return false;
         }
     };
     let fresh: Vec<NewEvent> = events
@@ -263,7 +274,7 @@ async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut
     let results = append(log, &fresh).await;
     if results.iter().any(is_unreachable) {
         *unreachable = true;
-        return;
+        return false;
     }
     *unreachable = false;
     for (event, result) in fresh.iter().zip(&results) {
@@ -284,6 +295,7 @@ async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut
         left = setup.spool.depth(),
         "audit spool drained a batch"
     );
+    true
 }
 
 /// Whether a store that was unreachable answers again.

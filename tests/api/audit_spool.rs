@@ -284,3 +284,50 @@ async fn a_full_spool_fails_writes_closed_when_strict_and_counts_them_lost_other
 fn write_again() -> Value {
     request("cliniccloud.create_appointment", "ALLOW")
 }
+
+/// Drain rate of a large spool left behind, for the README's figure:
+/// `cargo test --test api drain_rate -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn drain_rate() {
+    const EVENTS: usize = 20_000;
+    let cluster = cluster();
+    let dsn = cluster.dsn();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    let events: Vec<_> = (0..EVENTS)
+        .map(|i| {
+            let body = request("cliniccloud.create_appointment", "ALLOW");
+            casf_verifier::audit::NewEvent::now(
+                &format!("drain-{i}"),
+                "role:nurse".into(),
+                "cliniccloud.create_appointment",
+                "ALLOW",
+                serde_json::json!({"request": body, "response": {"decision": "ALLOW"}}),
+            )
+        })
+        .collect();
+    for chunk in events.chunks(512) {
+        spool.append(chunk).unwrap();
+    }
+    let bytes = std::fs::metadata(spool.path()).unwrap().len();
+    drop(spool);
+    let started = std::time::Instant::now();
+    let _server = Server::spawn_with(&dsn, &[("CASF_AUDIT_SPOOL", dir.path().to_str().unwrap())]);
+    wait_until(Duration::from_secs(300), "the spool drained", || async {
+        std::fs::metadata(dir.path().join("audit-spool.jsonl"))
+            .map(|m| m.len())
+            .ok()
+            == Some(0)
+    })
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(rows(&cluster).await.len(), EVENTS);
+    eprintln!(
+        "drained {EVENTS} events ({} bytes spooled, {} bytes/event) in {elapsed:?} from process start: {:.0} events/s",
+        bytes,
+        bytes / EVENTS as u64,
+        EVENTS as f64 / elapsed.as_secs_f64()
+    );
+    assert_verifies(&cluster, EVENTS);
+}
