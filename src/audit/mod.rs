@@ -4,7 +4,8 @@
 //! it appends a whole batch in one transaction, chaining from the stored head.
 //! [`writer::AuditWriter`] is what the pipeline holds: a single writer task
 //! that group-commits whatever requests queued while the last batch was being
-//! written. [`chain`] holds the hash rule and the verifier shared by
+//! written; with [`spool`] it keeps what PostgreSQL cannot take through an
+//! outage and drains it later. [`chain`] holds the hash rule and the verifier shared by
 //! `audit verify`, `audit digest` and every backend.
 
 pub mod chain;
