@@ -324,6 +324,25 @@ async fn migrate(settings: Settings) -> ExitCode {
     }
 }
 
+/// Says on stderr (stdout stays the report) when `CASF_AUDIT_SPOOL` still
+/// holds events: they are decisions the chain does not show yet.
+fn note_spooled(settings: &Settings) {
+    let Some(dir) = &settings.audit_spool else {
+        return;
+    };
+    match crate::audit::spool::waiting(dir) {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "casf-verifier: note: {n} audit events are still spooled in {} and not yet in the chain",
+            dir.display()
+        ),
+        Err(error) => eprintln!(
+            "casf-verifier: note: cannot read the audit spool {}: {error}",
+            dir.display()
+        ),
+    }
+}
+
 /// `audit verify` and `audit digest`: read-only, and every refusal printed
 /// once, on stderr, prefixed with the command (exit 2).
 fn audit_command(config: &ConfigArgs, action: AuditCommand) -> ExitCode {
@@ -352,6 +371,7 @@ fn audit_command(config: &ConfigArgs, action: AuditCommand) -> ExitCode {
 }
 
 async fn audit(settings: Settings, action: AuditCommand, command: &str) -> ExitCode {
+    note_spooled(&settings);
     let redactor = Redactor::new(settings.secrets());
     let refuse = |error: String| {
         eprintln!("casf-verifier: {command}: {}", redactor.redact(&error));

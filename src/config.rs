@@ -207,6 +207,24 @@ pub const VARIABLES: &[Variable] = &[
         "unset",
         "a file naming a mode, re-read every 200 ms: the floor is the stricter of it and CASF_MODE_FLOOR, changed without a restart",
     ),
+    var(
+        "CASF_AUDIT_SPOOL",
+        "audit-spool",
+        "unset: no spool",
+        "directory of the local spool that keeps PostgreSQL audit events through an outage",
+    ),
+    var(
+        "CASF_AUDIT_SPOOL_MAX_BYTES",
+        "audit-spool-max-bytes",
+        "268435456",
+        "bound of the audit spool file (256 MiB)",
+    ),
+    var(
+        "CASF_AUDIT_STRICT",
+        "audit-strict",
+        "false",
+        "true: a write whose event is neither appended nor spooled fails closed",
+    ),
 ];
 
 /// Variables read by libraries rather than by [`Settings`]; `--help` lists
@@ -383,6 +401,12 @@ pub struct Settings {
     /// `CASF_MODE_FLOOR_FILE`: followed at run time, never lowering the floor
     /// below `mode_floor`.
     pub mode_floor_file: Option<PathBuf>,
+    /// `CASF_AUDIT_SPOOL`: where PostgreSQL audit events wait out an outage.
+    pub audit_spool: Option<PathBuf>,
+    /// `CASF_AUDIT_SPOOL_MAX_BYTES`.
+    pub audit_spool_max_bytes: u64,
+    /// `CASF_AUDIT_STRICT`.
+    pub audit_strict: bool,
 }
 
 impl Settings {
@@ -522,6 +546,14 @@ impl Settings {
                     .map_err(|e| invalid("CASF_MODE_FLOOR", e.to_string()))?,
             },
             mode_floor_file: get("CASF_MODE_FLOOR_FILE")?.map(PathBuf::from),
+            audit_spool: get("CASF_AUDIT_SPOOL")?.map(PathBuf::from),
+            audit_spool_max_bytes: parse_positive(
+                "CASF_AUDIT_SPOOL_MAX_BYTES",
+                get("CASF_AUDIT_SPOOL_MAX_BYTES")?,
+                crate::audit::spool::DEFAULT_MAX_BYTES,
+                " of bytes",
+            )?,
+            audit_strict: parse_bool("CASF_AUDIT_STRICT", get("CASF_AUDIT_STRICT")?, false)?,
         })
     }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::audit::AuditLog;
 use crate::config::Redactor;
 use crate::policy::PolicyEngine;
@@ -28,6 +30,10 @@ pub struct Readiness {
     pub state: Arc<dyn ReplayGuard>,
     pub policy: Arc<dyn PolicyEngine>,
     pub redactor: Redactor,
+    /// `casf_audit_spool_depth`, when `CASF_AUDIT_SPOOL` is in use. Shown,
+    /// never a reason to be unready: a deep spool is PostgreSQL's outage,
+    /// which the audit check already reports.
+    pub spool_depth: Option<Gauge>,
 }
 
 /// Result of one readiness pass.
@@ -45,13 +51,19 @@ impl Readiness {
         match &self.audit {
             Some(audit) => {
                 if let Err(detail) = self.probe(audit.backend(), audit.ping()).await {
-                    return Health::NotReady(detail);
+                    return Health::NotReady(match &self.spool_depth {
+                        Some(depth) => format!("{detail} (audit spool depth {})", depth.get()),
+                        None => detail,
+                    });
                 }
                 checks.insert(audit.backend().into(), "ok".into());
             }
             None => {
                 checks.insert("audit".into(), "disabled".into());
             }
+        }
+        if let Some(depth) = &self.spool_depth {
+            checks.insert("audit_spool".into(), json!({"depth": depth.get()}));
         }
         if let Err(detail) = self.probe(self.state.backend(), self.state.ping()).await {
             return Health::NotReady(detail);

@@ -28,16 +28,19 @@ pub enum Trigger {
     Opa,
     /// The verifier itself could not decide (an internal error at a door).
     Rules,
+    /// `CASF_AUDIT_STRICT`: the decision's event was recorded nowhere.
+    Audit,
 }
 
 impl Trigger {
-    pub const ALL: [Trigger; 3] = [Trigger::Redis, Trigger::Opa, Trigger::Rules];
+    pub const ALL: [Trigger; 4] = [Trigger::Redis, Trigger::Opa, Trigger::Rules, Trigger::Audit];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Redis => "redis",
             Trigger::Opa => "opa",
             Trigger::Rules => "rules",
+            Trigger::Audit => "audit",
         }
     }
 }
@@ -109,7 +112,13 @@ impl DoorRejection {
 }
 
 pub const OPA_ERROR_KINDS: [&str; 4] = ["timeout", "unavailable", "bad_status", "bad_response"];
-pub const AUDIT_ERROR_KINDS: [&str; 4] = ["unavailable", "timeout", "rejected", "closed"];
+pub const AUDIT_ERROR_KINDS: [&str; 5] = [
+    "unavailable",
+    "timeout",
+    "rejected",
+    "closed",
+    "not_recorded",
+];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -346,6 +355,18 @@ pub struct Metrics {
     door_rejections: Family<RejectionLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
     mode_floor: Family<ModeLabels, Gauge>,
+    spool: SpoolMetrics,
+}
+
+/// The audit spool's metrics, shared with the audit writer's thread.
+#[derive(Clone, Default)]
+pub struct SpoolMetrics {
+    /// `casf_audit_spooled_total`: events written to the spool.
+    pub spooled: Counter,
+    /// `casf_audit_lost_total`: events neither appended nor spooled.
+    pub lost: Counter,
+    /// `casf_audit_spool_depth`: events in the spool, not yet in the chain.
+    pub depth: Gauge,
 }
 
 impl Default for Metrics {
@@ -372,6 +393,7 @@ impl Metrics {
             door_rejections: Family::default(),
             build_info: Family::default(),
             mode_floor: Family::default(),
+            spool: SpoolMetrics::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -430,7 +452,21 @@ impl Metrics {
             "Decisions whose audit append failed, by kind",
             m.audit_failures.clone(),
         );
-
+        registry.register(
+            "casf_audit_spooled",
+            "Audit events written to the local spool because PostgreSQL could not take them",
+            m.spool.spooled.clone(),
+        );
+        registry.register(
+            "casf_audit_spool_depth",
+            "Audit events in the local spool, not yet drained into the chain",
+            m.spool.depth.clone(),
+        );
+        registry.register(
+            "casf_audit_lost",
+            "Audit events neither appended nor spooled (spool full or unwritable, or refused on drain)",
+            m.spool.lost.clone(),
+        );
         registry.register(
             "casf_door_rejected",
             "Calls a door answered without a decision, by door and reason",
@@ -580,6 +616,11 @@ impl Metrics {
         self.audit_failures
             .get_or_create(&KindLabels { kind })
             .inc();
+    }
+
+    /// Handles on the spool metrics, for the audit writer and `/healthz`.
+    pub fn spool(&self) -> SpoolMetrics {
+        self.spool.clone()
     }
 
     pub fn door_rejected(&self, door: Door, reason: DoorRejection) {

@@ -24,7 +24,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::audit::writer::AuditWriter;
-use crate::audit::{AppendReceipt, NewEvent};
+use crate::audit::{AppendReceipt, AuditError, NewEvent};
 use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::mode_floor::{ModeFloor, stricter};
@@ -113,6 +113,15 @@ struct Progress {
 }
 
 /// The answer when the verifier itself could not decide.
+/// Whether the audit step itself turned the answer into a fail-closed deny.
+fn audit_failed_closed(verdict: &Verdict) -> bool {
+    verdict
+        .response
+        .violations
+        .iter()
+        .any(|v| v == violation::AUDIT_UNRECORDED)
+}
+
 fn internal_error() -> VerifyResponse {
     VerifyResponse::from_violations(
         vec![
@@ -390,6 +399,7 @@ impl Pipeline {
             )
             .await;
         verdict.floor_applied = floor_applied;
+        let failed_closed = failed_closed || audit_failed_closed(&verdict);
         // A decision the floor changed is not remembered either: once the
         // operator lowers it, a retry deserves the caller's own decision.
         let transient = failed_closed || floor_applied.is_some();
@@ -478,6 +488,18 @@ impl Pipeline {
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
                 tracing::error!(%error, "audit append failed");
+                if matches!(error, AuditError::NotRecorded(_)) && request.tool.is_write() {
+                    // Strict: a write with no record anywhere is not allowed
+                    // to happen; the claim is then released (see below).
+                    self.metrics.fail_closed(Trigger::Audit);
+                    response = VerifyResponse::from_violations(
+                        vec![
+                            violation::FAIL_CLOSED.to_owned(),
+                            violation::AUDIT_UNRECORDED.to_owned(),
+                        ],
+                        Vec::new(),
+                    );
+                }
                 response.reason.push_str(AUDIT_FAILED_SUFFIX);
                 Verdict {
                     response,

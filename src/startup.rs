@@ -21,8 +21,9 @@ use tokio::task::JoinHandle;
 
 use crate::audit::postgres::{PostgresAuditLog, PostgresChainReader};
 use crate::audit::scan::{ChainSource, ReadError};
+use crate::audit::spool::Spool;
 use crate::audit::sqlite::{SqliteAuditLog, SqliteChainReader};
-use crate::audit::writer::AuditWriter;
+use crate::audit::writer::{AuditWriter, SpoolSetup};
 use crate::audit::{AuditError, AuditLog};
 use crate::config::{
     AuditBackend, ConfigError, PolicyBackend, Redactor, RoutesFile, Settings, StateBackend,
@@ -67,6 +68,32 @@ pub enum StartupError {
         var: &'static str,
         backend: &'static str,
     },
+}
+
+/// The audit spool (`CASF_AUDIT_SPOOL`), for a PostgreSQL audit trail only:
+/// SQLite is a local file already. A spool left by a crash is opened here
+/// (its torn tail cut off) and drained by the writer in the background.
+fn open_spool(
+    settings: &Settings,
+    log: Option<&dyn AuditLog>,
+    metrics: &Metrics,
+) -> Result<Option<SpoolSetup>, StartupError> {
+    let (Some(dir), Some(log)) = (&settings.audit_spool, log) else {
+        return Ok(None);
+    };
+    if log.backend() != "postgres" {
+        tracing::warn!(
+            "CASF_AUDIT_SPOOL is ignored: the spool serves a PostgreSQL audit trail (PG_DSN)"
+        );
+        return Ok(None);
+    }
+    let spool = Spool::open(dir, settings.audit_spool_max_bytes)
+        .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    Ok(Some(SpoolSetup {
+        spool,
+        strict: settings.audit_strict,
+        metrics: metrics.spool(),
+    }))
 }
 
 /// Opens the configured audit store (also used by the `audit` subcommands).
@@ -192,16 +219,19 @@ impl Application {
         } else {
             Some(open_audit_log(&settings.audit).await?)
         };
+        let mut metrics = Metrics::new();
+        let spool = open_spool(settings, audit_log.as_deref(), &metrics)?;
+        let spool_depth = spool.as_ref().map(|s| s.metrics.depth.clone());
         let (writer, audit_task) = match &audit_log {
             Some(log) => {
-                let (writer, task) = AuditWriter::spawn(log.clone()).map_err(|e| {
-                    AuditError::Unavailable(format!("cannot start the audit writer: {e}"))
-                })?;
+                let (writer, task) =
+                    AuditWriter::spawn_with_spool(log.clone(), spool).map_err(|e| {
+                        AuditError::Unavailable(format!("cannot start the audit writer: {e}"))
+                    })?;
                 (Some(writer), Some(task))
             }
             None => (None, None),
         };
-        let mut metrics = Metrics::new();
         if let Some(state) = memory {
             metrics.track_state_keys(state.max_keys(), move || state.keys_held());
         }
@@ -230,6 +260,7 @@ impl Application {
             state: replay,
             policy,
             redactor: Redactor::new(settings.secrets()),
+            spool_depth,
         };
         let listener = TcpListener::bind(settings.http_addr)
             .await

@@ -4,15 +4,17 @@
 //! it appends a whole batch in one transaction, chaining from the stored head.
 //! [`writer::AuditWriter`] is what the pipeline holds: a single writer task
 //! that group-commits whatever requests queued while the last batch was being
-//! written. [`chain`] holds the hash rule and the verifier shared by
-//! `audit verify`, `audit digest` and every backend; [`scan`] is how those
-//! two commands read a chain: read-only, streamed, hashed on every core.
+//! written; with [`spool`] it keeps what PostgreSQL cannot take through an
+//! outage and drains it later. [`chain`] holds the hash rule and the verifier
+//! shared by `audit verify`, `audit digest` and every backend; [`scan`] is how
+//! those two commands read a chain: read-only, streamed, hashed on every core.
 
 pub mod chain;
 pub mod digest;
 pub mod pg_dsn;
 pub mod postgres;
 pub mod scan;
+pub mod spool;
 pub mod sqlite;
 pub mod writer;
 
@@ -79,6 +81,10 @@ pub enum AuditError {
     Rejected(String),
     #[error("audit writer has shut down")]
     Closed,
+    /// Neither the chain nor the spool holds the event, and
+    /// `CASF_AUDIT_STRICT=true`: a write must fail closed.
+    #[error("event recorded nowhere (strict): {0}")]
+    NotRecorded(String),
 }
 
 impl AuditError {
@@ -89,6 +95,7 @@ impl AuditError {
             AuditError::Timeout => "timeout",
             AuditError::Rejected(_) => "rejected",
             AuditError::Closed => "closed",
+            AuditError::NotRecorded(_) => "not_recorded",
         }
     }
 }
@@ -123,4 +130,14 @@ pub trait AuditLog: Send + Sync {
 
     /// Readiness probe.
     async fn ping(&self) -> Result<(), AuditError>;
+
+    /// Which of `event_ids` the chain already holds, so that a spooled event
+    /// whose first commit did land (its acknowledgement lost) is not
+    /// appended twice. Only stores that take a spool need it.
+    async fn present_event_ids(
+        &self,
+        _event_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, AuditError> {
+        Ok(std::collections::HashSet::new())
+    }
 }

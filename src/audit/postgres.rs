@@ -440,6 +440,23 @@ impl AuditLog for PostgresAuditLog {
     /// direct connection attempt: the pool retries a refused connection
     /// until its acquire timeout, and a probe should report a server that is
     /// down at once (guide §6).
+    async fn present_event_ids(
+        &self,
+        event_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, AuditError> {
+        // Read on the pool, not the appender's connection: this is a plain
+        // read, and `event_id` is UNIQUE, so no lock is needed for it to stay
+        // true (only this process appends these ids).
+        let present: Vec<String> = sqlx::query_scalar(
+            "SELECT event_id::text FROM audit_events WHERE event_id = ANY($1::text[]::uuid[])",
+        )
+        .bind(event_ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(present.into_iter().collect())
+    }
+
     async fn ping(&self) -> Result<(), AuditError> {
         if let Some(mut conn) = self.pool.try_acquire() {
             let result = sqlx::query("SELECT 1").execute(&mut *conn).await;

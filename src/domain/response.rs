@@ -17,6 +17,9 @@ pub mod violation {
     pub const ROUTE_UNMAPPED: &str = "Route_Unmapped";
     /// A door could not get a decision out of the pipeline (fails closed).
     pub const INTERNAL_ERROR: &str = "Verifier_InternalError";
+    /// `CASF_AUDIT_STRICT`: the write's audit event could be recorded
+    /// neither in the chain nor in the spool.
+    pub const AUDIT_UNRECORDED: &str = "Audit_Unrecorded";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! OPA-compatible server.
 
 mod audit;
+mod audit_spool;
 mod contract;
 mod disconnect;
 mod ext_authz;

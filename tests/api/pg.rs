@@ -207,8 +207,14 @@ impl Server {
     /// Starts the binary and waits (bounded) for its ready line, which
     /// names the address it listens on.
     pub fn spawn(dsn: &str) -> Self {
+        Self::spawn_with(dsn, &[])
+    }
+
+    /// [`Server::spawn`] with more variables set.
+    pub fn spawn_with(dsn: &str, extra: &[(&str, &str)]) -> Self {
         let mut child = binary(dsn)
             .env("RUST_LOG", "info")
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
