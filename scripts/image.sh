@@ -226,8 +226,11 @@ cmd_smoke() {
     grep -q "casf_build_info{.*commit=\"$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)\"" <<<"$body"
   body=$(curl -fsS "http://127.0.0.1:$HTTP_PORT/healthz")
   check "/healthz is ready ($body)" grep -q '"status":"ok"' <<<"$body"
+  # gRPC health from outside, with the host's own build of the probe.
+  local probe=$REPO/target/release/casf-verifier
+  [[ -x $probe ]] || cargo build --quiet --release --locked --bin casf-verifier --manifest-path "$REPO/Cargo.toml"
   check "gRPC health answers SERVING" env CASF_GRPC_ADDR="127.0.0.1:$GRPC_PORT" \
-    "$REPO/target/release/casf-verifier" healthcheck --grpc
+    "$probe" healthcheck --grpc
   check "the image's HEALTHCHECK passes inside the container" \
     bud run --isolation chroot --network host "$CONTAINER" -- casf-verifier healthcheck
 
