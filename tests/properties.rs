@@ -27,32 +27,23 @@ fn wire_name(known: &'static [&'static str]) -> impl Strategy<Value = String> {
     ]
 }
 
-fn tools() -> &'static [&'static str] {
+/// The wire names of one closed enum, for strategies that pick from them.
+fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> &'static [&'static str] {
     Box::leak(
-        Tool::ALL
-            .iter()
-            .map(|t| t.as_str())
+        all.iter()
+            .map(|v| name(*v))
             .collect::<Vec<_>>()
             .into_boxed_slice(),
     )
+}
+fn tools() -> &'static [&'static str] {
+    names(Tool::ALL, Tool::as_str)
 }
 fn roles() -> &'static [&'static str] {
-    Box::leak(
-        Role::ALL
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .into_boxed_slice(),
-    )
+    names(Role::ALL, Role::as_str)
 }
 fn modes() -> &'static [&'static str] {
-    Box::leak(
-        Mode::ALL
-            .iter()
-            .map(|m| m.as_str())
-            .collect::<Vec<_>>()
-            .into_boxed_slice(),
-    )
+    names(Mode::ALL, Mode::as_str)
 }
 
 /// Any JSON value, a few levels deep.

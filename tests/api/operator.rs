@@ -365,45 +365,31 @@ fn json_logs_are_one_object_a_line_and_bad_formats_refuse_to_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.matches("CASF_LOG_FORMAT").count(), 1, "{stderr}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = binary()
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CASF_LOG_FORMAT", "json")
-        .env("CASF_HTTP_ADDR", "127.0.0.1:0")
-        .env("CASF_GRPC_ADDR", "127.0.0.1:0")
-        .env("CASF_AUDIT_SQLITE", dir.path().join("a.db"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let ready = BufReader::new(stderr)
-        .lines()
-        .map_while(Result::ok)
-        .map(|line| serde_json::from_str::<Value>(&line).expect("a JSON log line"))
-        .find(|line| {
-            line["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("casf-verifier ready"))
-        })
-        .expect("a ready line");
+    let (mut child, logs, _dir) = serve_with_json_logs(&[]);
+    let ready = logs.next_matching(|line| {
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("casf-verifier ready"))
+    });
     assert_eq!(ready["level"], "INFO");
     assert!(ready["http"].as_str().is_some(), "{ready}");
     let _ = child.kill();
     let _ = child.wait();
 }
 
-/// With `CASF_DECISION_LOG=true`, each decision is one log line that names
-/// its request (through the decision's span) and carries no patient data.
-#[tokio::test]
-async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
+/// The server binary on loopback ports with JSON logs (and `extra`
+/// settings), and its log lines as JSON values.
+fn serve_with_json_logs(
+    extra: &[(&str, &str)],
+) -> (std::process::Child, JsonLines, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = binary()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("CASF_LOG_FORMAT", "json")
-        .env("CASF_DECISION_LOG", "true")
         .env("CASF_HTTP_ADDR", "127.0.0.1:0")
         .env("CASF_GRPC_ADDR", "127.0.0.1:0")
         .env("CASF_AUDIT_SQLITE", dir.path().join("a.db"))
+        .envs(extra.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -414,14 +400,32 @@ async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
             let _ = lines_tx.send(serde_json::from_str(&line).expect("a JSON log line"));
         }
     });
-    let wait = std::time::Duration::from_secs(30);
-    let next_matching = |pred: &dyn Fn(&Value) -> bool| loop {
-        let line = lines_rx.recv_timeout(wait).expect("the expected log line");
-        if pred(&line) {
-            return line;
+    (child, JsonLines(lines_rx), dir)
+}
+
+struct JsonLines(std::sync::mpsc::Receiver<Value>);
+
+impl JsonLines {
+    /// The next line that `pred` accepts, within 30 s.
+    fn next_matching(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let line = self
+                .0
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the expected log line");
+            if pred(&line) {
+                return line;
+            }
         }
-    };
-    let ready = next_matching(&|l| {
+    }
+}
+
+/// With `CASF_DECISION_LOG=true`, each decision is one log line that names
+/// its request (through the decision's span) and carries no patient data.
+#[tokio::test]
+async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
+    let (mut child, logs, _dir) = serve_with_json_logs(&[("CASF_DECISION_LOG", "true")]);
+    let ready = logs.next_matching(|l| {
         l["message"]
             .as_str()
             .is_some_and(|m| m.contains("casf-verifier ready"))
@@ -442,7 +446,7 @@ async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    let line = next_matching(&|l| l["target"] == "casf_decision");
+    let line = logs.next_matching(|l| l["target"] == "casf_decision");
     assert_eq!(line["span"]["request_id"], request_id.as_str(), "{line}");
     assert_eq!(line["door"], "http");
     assert_eq!(line["tool"], "twilio.send_sms");
