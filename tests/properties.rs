@@ -8,6 +8,8 @@
 //! properties`. The canonical-JSON round trip through PostgreSQL's JSONB is in
 //! `tests/api/properties_pg.rs`, as it needs the database.
 
+use std::sync::LazyLock;
+
 use casf_verifier::domain::{Mode, Role, Tool, VerifyRequest};
 use casf_verifier::ext_authz::routes::RouteMap;
 use casf_verifier::ext_authz::translate::{CheckError, tool_call};
@@ -28,22 +30,20 @@ fn wire_name(known: &'static [&'static str]) -> impl Strategy<Value = String> {
 }
 
 /// The wire names of one closed enum, for strategies that pick from them.
-fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> &'static [&'static str] {
-    Box::leak(
-        all.iter()
-            .map(|v| name(*v))
-            .collect::<Vec<_>>()
-            .into_boxed_slice(),
-    )
+fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> Vec<&'static str> {
+    all.iter().map(|v| name(*v)).collect()
 }
+static TOOLS: LazyLock<Vec<&'static str>> = LazyLock::new(|| names(Tool::ALL, Tool::as_str));
+static ROLES: LazyLock<Vec<&'static str>> = LazyLock::new(|| names(Role::ALL, Role::as_str));
+static MODES: LazyLock<Vec<&'static str>> = LazyLock::new(|| names(Mode::ALL, Mode::as_str));
 fn tools() -> &'static [&'static str] {
-    names(Tool::ALL, Tool::as_str)
+    &TOOLS
 }
 fn roles() -> &'static [&'static str] {
-    names(Role::ALL, Role::as_str)
+    &ROLES
 }
 fn modes() -> &'static [&'static str] {
-    names(Mode::ALL, Mode::as_str)
+    &MODES
 }
 
 /// Any JSON value, a few levels deep.
