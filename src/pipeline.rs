@@ -298,11 +298,9 @@ impl Pipeline {
                             }
                             _ => (response, None),
                         };
-                    let mut verdict = self
+                    return self
                         .audited_under(request, input, REPLAY_ACTION, response, floor_applied)
                         .await;
-                    verdict.floor_applied = floor_applied;
-                    return verdict;
                 }
                 Ok(Claim::Mismatch) => {
                     self.metrics.replay_mismatch();
@@ -389,7 +387,7 @@ impl Pipeline {
         // 5. Audit, then 6. remember the answer for replays. A fail-closed
         // deny is not remembered: once the dependency is back, a retry with
         // the same request_id deserves a real decision.
-        let mut verdict = self
+        let verdict = self
             .audited_under(
                 request,
                 input,
@@ -398,7 +396,6 @@ impl Pipeline {
                 floor_applied,
             )
             .await;
-        verdict.floor_applied = floor_applied;
         let failed_closed = failed_closed || audit_failed_closed(&verdict);
         // A decision the floor changed is not remembered either: once the
         // operator lowers it, a retry deserves the caller's own decision.
@@ -462,7 +459,7 @@ impl Pipeline {
             return Verdict {
                 response,
                 audit: None,
-                floor_applied: None,
+                floor_applied,
             };
         };
         let event = NewEvent::now(
@@ -483,7 +480,7 @@ impl Pipeline {
             Ok(receipt) => Verdict {
                 response,
                 audit: Some(receipt),
-                floor_applied: None,
+                floor_applied,
             },
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
@@ -504,7 +501,7 @@ impl Pipeline {
                 Verdict {
                     response,
                     audit: None,
-                    floor_applied: None,
+                    floor_applied,
                 }
             }
         }
