@@ -199,20 +199,9 @@ log "ok: every dashboard query parses (promtool check rules)"
 
 # ----------------------------------------------------------- a live scrape
 [[ -x $BIN ]] || die "$BIN not found: build it first (cargo build --release --locked)"
-read -r http_port grpc_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-')
-base="http://127.0.0.1:$http_port"
-env -u PG_DSN -u REDIS_URL -u OPA_URL -u CASF_DISABLE_AUDIT -u CASF_STATE_MAX_KEYS \
-  CASF_HTTP_ADDR="127.0.0.1:$http_port" CASF_GRPC_ADDR="127.0.0.1:$grpc_port" \
-  CASF_AUDIT_SQLITE="$tmp/audit.db" CASF_POLICY_DIR="$PWD/policies" \
-  CASF_ROUTES="$PWD/envoy/routes.yaml" RUST_LOG=warn \
-  "$BIN" serve >"$tmp/verifier.log" 2>&1 &
-verifier_pid=$!
+# shellcheck source=scripts/live-verifier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/live-verifier.sh"
+start_live_verifier "$tmp" || die "the verifier did not start"
 
 python3 - "$base" "$tmp" "$verifier_pid" <<'PY' || { tail -n 20 "$tmp/verifier.log" >&2; exit 1; }
 import json, os, sys, time, urllib.error, urllib.request

@@ -22,6 +22,8 @@ cargo clippy --all-targets -- -D warnings
 # in a live scrape of the release binary (bench.sh reuses this build).
 cargo build --release --locked --bin casf-verifier
 scripts/check_observability.sh
+# The HTTP door's OpenAPI contract: valid, and schemathesis against the live binary.
+scripts/check_openapi.sh
 # Deployment files, each checked by the tool that consumes it (compose schema,
 # kubectl kustomize, Kubernetes schemas), then the image built from the
 # Dockerfile and smoke-tested from outside the running container.

@@ -467,3 +467,36 @@ async fn the_decision_log_has_one_line_per_decision_without_patient_data() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `GET /openapi.json` is the contract checked in under `docs/`, which
+/// `scripts/check_openapi.sh` validates and tests the live server against.
+#[tokio::test]
+async fn the_served_openapi_document_is_the_checked_in_one() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(format!("{}/openapi.json", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let served: Value = response.json().await.unwrap();
+    let file =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap();
+    let checked_in: Value = serde_json::from_str(&file).unwrap();
+    assert_eq!(served, checked_in);
+    // Every route the door serves is in it.
+    for path in [
+        "/verify",
+        "/health",
+        "/healthz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(
+            served["paths"][path].is_object(),
+            "{path} is not documented"
+        );
+    }
+}
