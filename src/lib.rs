@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod health;
 pub mod healthcheck;
 pub mod http;
+pub mod log_limit;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

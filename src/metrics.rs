@@ -338,6 +338,7 @@ pub struct Metrics {
     sms_limited: Counter,
     door_decisions: Family<DoorLabels, Counter>,
     audit_failures: Family<KindLabels, Counter>,
+    state_errors: Family<KindLabels, Counter>,
     door_rejections: Family<RejectionLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
 }
@@ -363,6 +364,7 @@ impl Metrics {
             sms_limited: Counter::default(),
             door_decisions: Family::default(),
             audit_failures: Family::default(),
+            state_errors: Family::default(),
             door_rejections: Family::default(),
             build_info: Family::default(),
             registry: Registry::default(),
@@ -455,6 +457,15 @@ impl Metrics {
         }
         for kind in OPA_ERROR_KINDS {
             m.opa_errors.get_or_create(&KindLabels { kind }).inc_by(0);
+        }
+        registry.register(
+            "casf_state_error",
+            "State store (anti-replay, SMS limit) operations that failed, by kind; \
+             `down` ones were not tried because the store was known to be disconnected",
+            m.state_errors.clone(),
+        );
+        for kind in crate::state::StateError::KINDS {
+            m.state_errors.get_or_create(&KindLabels { kind }).inc_by(0);
         }
         for kind in AUDIT_ERROR_KINDS {
             m.audit_failures
@@ -556,6 +567,10 @@ impl Metrics {
         self.audit_failures
             .get_or_create(&KindLabels { kind })
             .inc();
+    }
+
+    pub fn state_error(&self, kind: &'static str) {
+        self.state_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn door_rejected(&self, door: Door, reason: DoorRejection) {

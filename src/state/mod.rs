@@ -36,6 +36,10 @@ pub enum StateError {
     Timeout,
     #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// Known to be down (its connection is lost or reconnecting), so the
+    /// operation was not tried: waiting out the budget would only slow reads.
+    #[error("state store unavailable: not connected, not tried")]
+    Down,
     #[error("state store gave an unusable answer: {0}")]
     BadResponse(String),
     /// The in-process state holds as many keys as it may
@@ -44,6 +48,22 @@ pub enum StateError {
         "in-process state is full ({max_keys} keys): raise CASF_STATE_MAX_KEYS or set REDIS_URL"
     )]
     Full { max_keys: usize },
+}
+
+impl StateError {
+    /// Bounded label for metrics and rate-limited logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StateError::Timeout => "timeout",
+            StateError::Unavailable(_) => "unavailable",
+            StateError::Down => "down",
+            StateError::BadResponse(_) => "bad_response",
+            StateError::Full { .. } => "full",
+        }
+    }
+
+    /// Every kind, for pre-created metric labels.
+    pub const KINDS: [&'static str; 5] = ["timeout", "unavailable", "down", "bad_response", "full"];
 }
 
 /// Idempotency by `request_id` (guide §7).

@@ -6,7 +6,11 @@
 //! command. One multiplexed connection serves the whole process. Commands
 //! never wait for a reconnect: while Redis is down they fail at once, and
 //! every operation has a hard 200 ms budget (guide §6), so a request is never
-//! held up by Redis for longer than that. The client reconnects by itself, so
+//! held up by Redis for longer than that. While the client knows the
+//! connection is lost (it is reconnecting), operations are not even queued:
+//! fred's router sits in its reconnect backoff, so a queued command would
+//! wait out the whole budget. They fail at once with [`StateError::Down`];
+//! a Redis that is merely slow keeps its connection and its 200 ms budget. The client reconnects by itself, so
 //! recovery needs no restart, and the process starts even when Redis is down
 //! at boot (`/healthz` is 503 and writes fail closed until it is back).
 
@@ -18,6 +22,7 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
     LuaInterface, Options, ReconnectPolicy, SetOptions, Value,
 };
+use fred::types::ClientState;
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
@@ -328,10 +333,21 @@ impl RedisState {
     }
 }
 
-/// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends.
+/// [`StateError::Down`] unless the client holds a live connection.
+fn connected(client: &Client) -> Result<(), StateError> {
+    match client.state() {
+        ClientState::Connected => Ok(()),
+        _ => Err(StateError::Down),
+    }
+}
+
+/// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends; fails at
+/// once, sending nothing, while `client` is known to be disconnected.
 async fn bounded<T>(
+    client: &Client,
     operation: impl Future<Output = Result<T, RedisError>>,
 ) -> Result<T, StateError> {
+    connected(client)?;
     match tokio::time::timeout(COMMAND_TIMEOUT, operation).await {
         Ok(result) => result.map_err(state_error),
         Err(_) => Err(StateError::Timeout),
@@ -347,8 +363,9 @@ async fn run_script(
     key: String,
     args: Vec<Value>,
 ) -> Result<Value, StateError> {
+    let down = client;
     let client = client.with_options(options);
-    bounded(async {
+    bounded(down, async {
         match client
             .evalsha::<Value, _, _, _>(script.sha1.as_str(), key.as_str(), args.clone())
             .await
@@ -395,13 +412,16 @@ impl ReplayGuard for RedisState {
         let client = self.client.with_options(&self.options);
         // XX: only over our claim. If the claim is gone (expired, or deleted
         // by an operator) the id is free again and nothing is stored.
-        let stored: Option<String> = bounded(client.set(
-            Self::key(request_id),
-            record,
-            Some(Expiration::EX(seconds(self.replay_ttl))),
-            Some(SetOptions::XX),
-            false,
-        ))
+        let stored: Option<String> = bounded(
+            &self.client,
+            client.set(
+                Self::key(request_id),
+                record,
+                Some(Expiration::EX(seconds(self.replay_ttl))),
+                Some(SetOptions::XX),
+                false,
+            ),
+        )
         .await?;
         if stored.is_none() {
             tracing::warn!(request_id = %request_id.as_str(), "claim vanished before the decision was stored; the request_id may be decided again");
@@ -419,7 +439,9 @@ impl ReplayGuard for RedisState {
 
     async fn ping(&self) -> Result<(), StateError> {
         let client = self.client.with_options(&self.options);
-        bounded(client.ping::<Value>(None)).await.map(drop)
+        bounded(&self.client, client.ping::<Value>(None))
+            .await
+            .map(drop)
     }
 }
 
