@@ -8,6 +8,7 @@ pub mod audit;
 pub mod canonical;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod dev_token;
 pub mod domain;
 pub mod ext_authz;

@@ -13,7 +13,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -152,6 +151,7 @@ pub struct Application {
     routes: Arc<RouteMap>,
     routes_summary: String,
     audit_task: Option<JoinHandle<()>>,
+    connections: crate::connections::ConnectionLimits,
 }
 
 impl Application {
@@ -219,6 +219,7 @@ impl Application {
             routes: Arc::new(routes),
             routes_summary,
             audit_task,
+            connections: settings.connections,
         })
     }
 
@@ -247,6 +248,7 @@ impl Application {
             state,
             routes,
             audit_task,
+            connections,
             ..
         } = self;
         let (drain, draining) = watch::channel(false);
@@ -266,19 +268,15 @@ impl Application {
         };
         let grpc = crate::grpc::serve(
             grpc_listener,
+            connections,
             state.pipeline.clone(),
             routes,
             state.readiness.clone(),
             draining.clone(),
             stopped(draining.clone()),
         );
-        // TCP_NODELAY, so that no part of a response waits for the client's ACK.
-        let listener = listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY not set on an HTTP connection");
-            }
-        });
-        let http = axum::serve(listener, router(state)).with_graceful_shutdown(stopped(draining));
+        let http =
+            crate::connections::serve_http(listener, router(state), connections, stopped(draining));
         let (http, grpc) = tokio::join!(
             async {
                 let result = http.await;

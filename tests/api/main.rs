@@ -5,6 +5,7 @@
 //! OPA-compatible server.
 
 mod audit;
+mod connections;
 mod contract;
 mod disconnect;
 mod ext_authz;
