@@ -113,6 +113,19 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
             let state = Arc::new(
                 RedisState::connect(url, settings.anti_replay_ttl, settings.pending_ttl).await?,
             );
+            // Said once at startup; `/healthz` repeats it in its checks.
+            match state.persistence().await.map(|p| (p, p.warning())) {
+                Some((persistence, Some(warning))) => {
+                    tracing::warn!(persistence = persistence.as_str(), "{warning}")
+                }
+                Some((persistence, None)) => {
+                    tracing::info!(
+                        persistence = persistence.as_str(),
+                        "Redis persists stored decisions"
+                    )
+                }
+                None => {}
+            }
             Ok(StateStore {
                 replay: state.clone(),
                 limiter: state,

@@ -90,6 +90,52 @@ pub trait ReplayGuard: Send + Sync {
 
     /// Readiness probe.
     async fn ping(&self) -> Result<(), StateError>;
+
+    /// Whether stored decisions survive a restart of the store, for the
+    /// startup line and `/healthz`; `None` when the question does not apply.
+    async fn persistence(&self) -> Option<Persistence> {
+        None
+    }
+}
+
+/// What the state store says about surviving its own restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Append-only file: at most about a second of decisions lost.
+    Aof,
+    /// RDB snapshots only: decisions since the last snapshot are lost.
+    Rdb,
+    /// Nothing on disk: a restart forgets every stored decision.
+    None,
+    /// The store would not say (CONFIG disabled, as on managed Redis).
+    Unknown,
+}
+
+impl Persistence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Persistence::Aof => "aof",
+            Persistence::Rdb => "rdb",
+            Persistence::None => "none",
+            Persistence::Unknown => "unknown",
+        }
+    }
+
+    /// A warning for operators, when replays would be forgotten on restart.
+    pub fn warning(self) -> Option<&'static str> {
+        match self {
+            Persistence::Aof => None,
+            Persistence::Rdb => Some(
+                "Redis persists by RDB snapshots only: a restart forgets the decisions since the last one; set appendonly yes, appendfsync everysec",
+            ),
+            Persistence::None => Some(
+                "Redis has no persistence: a restart forgets every stored decision, and replays are decided again; set appendonly yes, appendfsync everysec",
+            ),
+            Persistence::Unknown => Some(
+                "Redis persistence unknown (CONFIG GET refused): make sure AOF is on, or a restart forgets stored decisions",
+            ),
+        }
+    }
 }
 
 /// Fixed-window counters (the SMS burst limit).

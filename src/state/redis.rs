@@ -26,7 +26,7 @@ use fred::types::ClientState;
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
-use super::{Claim, RateLimiter, ReplayGuard, StateError};
+use super::{Claim, Persistence, RateLimiter, ReplayGuard, StateError};
 use crate::domain::{RequestId, VerifyResponse};
 
 /// Budget of one state operation, retries and script reloads included (guide §6).
@@ -443,6 +443,43 @@ impl ReplayGuard for RedisState {
             .await
             .map(drop)
     }
+
+    /// `INFO persistence` for AOF, then `CONFIG GET save` for RDB points.
+    /// Managed Redis often disables CONFIG: then the answer is unknown.
+    async fn persistence(&self) -> Option<Persistence> {
+        let client = self.client.with_options(&self.options);
+        let info: String = bounded(
+            &self.client,
+            client.custom(fred::cmd!("INFO"), vec!["persistence"]),
+        )
+        .await
+        .ok()?;
+        if aof_enabled(&info) {
+            return Some(Persistence::Aof);
+        }
+        let save: Result<Vec<String>, _> = bounded(
+            &self.client,
+            client.custom(fred::cmd!("CONFIG"), vec!["GET", "save"]),
+        )
+        .await;
+        Some(match save {
+            Ok(pair) => rdb_from_save(&pair),
+            Err(_) => Persistence::Unknown,
+        })
+    }
+}
+
+/// `aof_enabled:1` in an `INFO persistence` reply.
+fn aof_enabled(info: &str) -> bool {
+    info.lines().any(|line| line.trim() == "aof_enabled:1")
+}
+
+/// `CONFIG GET save` answers `["save", "<points>"]`; no points, no RDB.
+fn rdb_from_save(pair: &[String]) -> Persistence {
+    match pair.get(1) {
+        Some(points) if !points.trim().is_empty() => Persistence::Rdb,
+        _ => Persistence::None,
+    }
 }
 
 #[async_trait]
@@ -551,6 +588,18 @@ mod tests {
             Script::new("return 1").sha1,
             "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
         );
+    }
+
+    #[test]
+    fn persistence_is_read_from_info_and_config() {
+        assert!(aof_enabled(
+            "# Persistence\r\nloading:0\r\naof_enabled:1\r\n"
+        ));
+        assert!(!aof_enabled("# Persistence\r\naof_enabled:0\r\n"));
+        let pair = |points: &str| vec!["save".to_owned(), points.to_owned()];
+        assert_eq!(rdb_from_save(&pair("3600 1 300 100")), Persistence::Rdb);
+        assert_eq!(rdb_from_save(&pair("")), Persistence::None);
+        assert_eq!(rdb_from_save(&[]), Persistence::None);
     }
 
     #[test]
