@@ -181,6 +181,30 @@ impl Application {
         } else {
             Some(open_audit_log(&settings.audit).await?)
         };
+        // Embedded state starts empty: refill it from the audit trail, so
+        // that a restart does not forget the decisions it must replay.
+        if let (Some(state), Some(log), true) = (&memory, &audit_log, settings.anti_replay_enabled)
+        {
+            let started = std::time::Instant::now();
+            match crate::state::reload::reload(
+                log.as_ref(),
+                state.as_ref(),
+                settings.anti_replay_ttl,
+            )
+            .await
+            {
+                Ok(counts) => tracing::info!(
+                    stored = counts.stored,
+                    skipped = counts.skipped,
+                    elapsed_ms = started.elapsed().as_millis(),
+                    "replay memory reloaded from the audit trail"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "replay memory not reloaded from the audit trail: replays of earlier decisions may be decided again"
+                ),
+            }
+        }
         let (writer, audit_task) = match &audit_log {
             Some(log) => {
                 let (writer, task) = AuditWriter::spawn(log.clone()).map_err(|e| {

@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod reload;
 
 use std::time::Duration;
 

@@ -16,5 +16,6 @@ mod pg;
 mod postgres_audit;
 mod production;
 mod redis_state;
+mod replay_reload;
 mod servers;
 mod verify;
