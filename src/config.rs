@@ -225,6 +225,24 @@ pub const VARIABLES: &[Variable] = &[
         "false",
         "true: a write whose event is neither appended nor spooled fails closed",
     ),
+    var(
+        "CASF_HTTP_HEADER_TIMEOUT_SECONDS",
+        "http-header-timeout-seconds",
+        "10",
+        "an HTTP connection that has not sent a whole request head within this is closed",
+    ),
+    var(
+        "CASF_IDLE_TIMEOUT_SECONDS",
+        "idle-timeout-seconds",
+        "60",
+        "a connection (either door) the client sent nothing on for this long is closed",
+    ),
+    var(
+        "CASF_MAX_CONNECTIONS",
+        "max-connections",
+        "4096",
+        "most open connections per door; one more is closed at once",
+    ),
 ];
 
 /// Variables read by libraries rather than by [`Settings`]; `--help` lists
@@ -407,6 +425,8 @@ pub struct Settings {
     pub audit_spool_max_bytes: u64,
     /// `CASF_AUDIT_STRICT`.
     pub audit_strict: bool,
+    /// What one client connection may hold, per door.
+    pub connections: crate::connections::ConnectionLimits,
 }
 
 impl Settings {
@@ -554,6 +574,24 @@ impl Settings {
                 " of bytes",
             )?,
             audit_strict: parse_bool("CASF_AUDIT_STRICT", get("CASF_AUDIT_STRICT")?, false)?,
+            connections: crate::connections::ConnectionLimits {
+                header_timeout: parse_seconds(
+                    "CASF_HTTP_HEADER_TIMEOUT_SECONDS",
+                    get("CASF_HTTP_HEADER_TIMEOUT_SECONDS")?,
+                    crate::connections::DEFAULT_HEADER_TIMEOUT,
+                )?,
+                idle_timeout: parse_seconds(
+                    "CASF_IDLE_TIMEOUT_SECONDS",
+                    get("CASF_IDLE_TIMEOUT_SECONDS")?,
+                    crate::connections::DEFAULT_IDLE_TIMEOUT,
+                )?,
+                max_connections: parse_positive(
+                    "CASF_MAX_CONNECTIONS",
+                    get("CASF_MAX_CONNECTIONS")?,
+                    crate::connections::DEFAULT_MAX_CONNECTIONS,
+                    "",
+                )?,
+            },
         })
     }
 

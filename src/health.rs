@@ -69,6 +69,17 @@ impl Readiness {
             return Health::NotReady(detail);
         }
         checks.insert(self.state.backend().into(), "ok".into());
+        // A warning, not a failure: replays still work until the store restarts.
+        if let Some(persistence) = self.state.persistence().await {
+            let shown = match persistence.warning() {
+                Some(warning) => format!("{} (warning: {warning})", persistence.as_str()),
+                None => persistence.as_str().to_owned(),
+            };
+            checks.insert(
+                format!("{}_persistence", self.state.backend()),
+                shown.into(),
+            );
+        }
         let input = probe_input();
         if let Err(detail) = self
             .probe(self.policy.backend(), self.policy.evaluate(&input))

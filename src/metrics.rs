@@ -352,6 +352,7 @@ pub struct Metrics {
     sms_limited: Counter,
     door_decisions: Family<DoorLabels, Counter>,
     audit_failures: Family<KindLabels, Counter>,
+    state_errors: Family<KindLabels, Counter>,
     door_rejections: Family<RejectionLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
     mode_floor: Family<ModeLabels, Gauge>,
@@ -390,6 +391,7 @@ impl Metrics {
             sms_limited: Counter::default(),
             door_decisions: Family::default(),
             audit_failures: Family::default(),
+            state_errors: Family::default(),
             door_rejections: Family::default(),
             build_info: Family::default(),
             mode_floor: Family::default(),
@@ -498,6 +500,15 @@ impl Metrics {
         }
         for kind in OPA_ERROR_KINDS {
             m.opa_errors.get_or_create(&KindLabels { kind }).inc_by(0);
+        }
+        registry.register(
+            "casf_state_error",
+            "State store (anti-replay, SMS limit) operations that failed, by kind; \
+             `down` ones were not tried because the store was known to be disconnected",
+            m.state_errors.clone(),
+        );
+        for kind in crate::state::StateError::KINDS {
+            m.state_errors.get_or_create(&KindLabels { kind }).inc_by(0);
         }
         for kind in AUDIT_ERROR_KINDS {
             m.audit_failures
@@ -621,6 +632,10 @@ impl Metrics {
     /// Handles on the spool metrics, for the audit writer and `/healthz`.
     pub fn spool(&self) -> SpoolMetrics {
         self.spool.clone()
+    }
+
+    pub fn state_error(&self, kind: &'static str) {
+        self.state_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn door_rejected(&self, door: Door, reason: DoorRejection) {

@@ -26,10 +26,11 @@ use tracing::Instrument;
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AppendReceipt, AuditError, NewEvent};
 use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
+use crate::log_limit::LogLimiter;
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::mode_floor::{ModeFloor, stricter};
 use crate::policy::PolicyEngine;
-use crate::state::{Claim, RateLimiter, ReplayGuard};
+use crate::state::{Claim, RateLimiter, ReplayGuard, StateError};
 
 /// Audit `action` of events that answer a reused `request_id`.
 pub const REPLAY_ACTION: &str = "REPLAY_DETECTED";
@@ -75,6 +76,8 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     sms_limit: SmsLimit,
     floor: Arc<ModeFloor>,
+    /// State store failures repeat per request while it is down: one line a second.
+    state_log: LogLimiter,
 }
 
 /// Violations in stage order, without duplicates, plus what failed closed.
@@ -178,6 +181,7 @@ impl Pipeline {
             metrics,
             sms_limit,
             floor: Arc::new(ModeFloor::default()),
+            state_log: LogLimiter::default(),
         }
     }
 
@@ -186,6 +190,13 @@ impl Pipeline {
         self.metrics.mode_floor(floor.get());
         self.floor = floor;
         self
+    }
+
+    /// Counts a state store failure, and tells whether a line may be logged
+    /// for it now (with how many were left out since the last one).
+    fn state_failed(&self, site: &'static str, error: &StateError) -> Option<u64> {
+        self.metrics.state_error(error.kind());
+        self.state_log.admit(site, error.kind())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -313,11 +324,15 @@ impl Pipeline {
                     return self.audited(request, input, REPLAY_ACTION, response).await;
                 }
                 Err(error) if request.tool.is_write() => {
-                    tracing::error!(%error, "anti-replay unavailable: write fails closed");
+                    if let Some(suppressed) = self.state_failed("claim_write", &error) {
+                        tracing::error!(%error, suppressed, "anti-replay unavailable: write fails closed");
+                    }
                     findings.fail_closed(Trigger::Redis, violation::REPLAY_CHECK_UNAVAILABLE);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "anti-replay unavailable: read proceeds without it")
+                    if let Some(suppressed) = self.state_failed("claim_read", &error) {
+                        tracing::warn!(%error, suppressed, "anti-replay unavailable: read proceeds without it");
+                    }
                 }
             }
         }
@@ -372,7 +387,9 @@ impl Pipeline {
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::error!(%error, "SMS rate limit unavailable: send fails closed");
+                    if let Some(suppressed) = self.state_failed("sms_limit", &error) {
+                        tracing::error!(%error, suppressed, "SMS rate limit unavailable: send fails closed");
+                    }
                     findings.fail_closed(Trigger::Redis, violation::NO_SMS_BURST);
                 }
             }
@@ -425,8 +442,10 @@ impl Pipeline {
                 .complete(&request.request_id, fingerprint, &verdict.response)
                 .await
         };
-        if let Err(error) = stored {
-            tracing::warn!(%error, "could not store the decision for replays; the claim will expire");
+        if let Err(error) = stored
+            && let Some(suppressed) = self.state_failed("store", &error)
+        {
+            tracing::warn!(%error, suppressed, "could not store the decision for replays; the claim will expire");
         }
     }
 

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -162,6 +161,19 @@ async fn build_state(settings: &Settings) -> Result<StateStore, StartupError> {
                 )
                 .await?,
             );
+            // Said once at startup; `/healthz` repeats it in its checks.
+            match state.persistence().await.map(|p| (p, p.warning())) {
+                Some((persistence, Some(warning))) => {
+                    tracing::warn!(persistence = persistence.as_str(), "{warning}")
+                }
+                Some((persistence, None)) => {
+                    tracing::info!(
+                        persistence = persistence.as_str(),
+                        "Redis persists stored decisions"
+                    )
+                }
+                None => {}
+            }
             Ok(StateStore {
                 replay: state.clone(),
                 limiter: state,
@@ -202,6 +214,7 @@ pub struct Application {
     audit_task: Option<JoinHandle<()>>,
     /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
     mode_floor: (Arc<ModeFloor>, Mode, Option<PathBuf>),
+    connections: crate::connections::ConnectionLimits,
 }
 
 impl Application {
@@ -219,6 +232,30 @@ impl Application {
         } else {
             Some(open_audit_log(&settings.audit).await?)
         };
+        // Embedded state starts empty: refill it from the audit trail, so
+        // that a restart does not forget the decisions it must replay.
+        if let (Some(state), Some(log), true) = (&memory, &audit_log, settings.anti_replay_enabled)
+        {
+            let started = std::time::Instant::now();
+            match crate::state::reload::reload(
+                log.as_ref(),
+                state.as_ref(),
+                settings.anti_replay_ttl,
+            )
+            .await
+            {
+                Ok(counts) => tracing::info!(
+                    stored = counts.stored,
+                    skipped = counts.skipped,
+                    elapsed_ms = started.elapsed().as_millis(),
+                    "replay memory reloaded from the audit trail"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "replay memory not reloaded from the audit trail: replays of earlier decisions may be decided again"
+                ),
+            }
+        }
         let mut metrics = Metrics::new();
         let spool = open_spool(settings, audit_log.as_deref(), &metrics)?;
         let spool_depth = spool.as_ref().map(|s| s.metrics.depth.clone());
@@ -286,6 +323,7 @@ impl Application {
             routes_summary,
             audit_task,
             mode_floor: (floor, settings.mode_floor, settings.mode_floor_file.clone()),
+            connections: settings.connections,
         })
     }
 
@@ -315,6 +353,7 @@ impl Application {
             routes,
             audit_task,
             mode_floor: (floor, floor_base, floor_file),
+            connections,
             ..
         } = self;
         let (drain, draining) = watch::channel(false);
@@ -343,19 +382,15 @@ impl Application {
         }
         let grpc = crate::grpc::serve(
             grpc_listener,
+            connections,
             state.pipeline.clone(),
             routes,
             state.readiness.clone(),
             draining.clone(),
             stopped(draining.clone()),
         );
-        // TCP_NODELAY, so that no part of a response waits for the client's ACK.
-        let listener = listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY not set on an HTTP connection");
-            }
-        });
-        let http = axum::serve(listener, router(state)).with_graceful_shutdown(stopped(draining));
+        let http =
+            crate::connections::serve_http(listener, router(state), connections, stopped(draining));
         let (http, grpc) = tokio::join!(
             async {
                 let result = http.await;

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::ext_authz::ExtAuthz;
@@ -40,10 +39,14 @@ impl GrpcError {
     }
 }
 
+/// How long a keep-alive ping may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves until `shutdown` resolves, then drains open calls. `draining`
 /// turns gRPC health to NOT_SERVING as soon as shutdown starts.
 pub async fn serve(
     listener: TcpListener,
+    limits: crate::connections::ConnectionLimits,
     pipeline: Arc<Pipeline>,
     routes: Arc<RouteMap>,
     readiness: Arc<Readiness>,
@@ -59,6 +62,9 @@ pub async fn serve(
     // grpcurl and older clients still ask v1alpha first.
     let reflection_v1alpha = reflection().build_v1alpha()?;
     tonic::transport::Server::builder()
+        // A peer gone silent is found by pings, then closed by the idle timeout.
+        .http2_keepalive_interval(Some(limits.idle_timeout / 2))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(AuthorizationServer::new(ExtAuthz::new(pipeline, routes)))
         .add_service(HealthServer::new(GrpcHealth::new(readiness, draining)))
         .add_service(reflection_v1)
@@ -66,7 +72,7 @@ pub async fn serve(
         // TCP_NODELAY: a response is several HTTP/2 frames, and Nagle would
         // hold the later ones back until the client's delayed ACK (~40 ms).
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            crate::connections::grpc_incoming(listener, limits),
             shutdown,
         )
         .await?;

@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod reload;
 
 use std::time::Duration;
 
@@ -36,6 +37,10 @@ pub enum StateError {
     Timeout,
     #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// Known to be down (its connection is lost or reconnecting), so the
+    /// operation was not tried: waiting out the budget would only slow reads.
+    #[error("state store unavailable: not connected, not tried")]
+    Down,
     #[error("state store gave an unusable answer: {0}")]
     BadResponse(String),
     /// The in-process state holds as many keys as it may
@@ -44,6 +49,22 @@ pub enum StateError {
         "in-process state is full ({max_keys} keys): raise CASF_STATE_MAX_KEYS or set REDIS_URL"
     )]
     Full { max_keys: usize },
+}
+
+impl StateError {
+    /// Bounded label for metrics and rate-limited logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StateError::Timeout => "timeout",
+            StateError::Unavailable(_) => "unavailable",
+            StateError::Down => "down",
+            StateError::BadResponse(_) => "bad_response",
+            StateError::Full { .. } => "full",
+        }
+    }
+
+    /// Every kind, for pre-created metric labels.
+    pub const KINDS: [&'static str; 5] = ["timeout", "unavailable", "down", "bad_response", "full"];
 }
 
 /// Idempotency by `request_id` (guide §7).
@@ -70,6 +91,52 @@ pub trait ReplayGuard: Send + Sync {
 
     /// Readiness probe.
     async fn ping(&self) -> Result<(), StateError>;
+
+    /// Whether stored decisions survive a restart of the store, for the
+    /// startup line and `/healthz`; `None` when the question does not apply.
+    async fn persistence(&self) -> Option<Persistence> {
+        None
+    }
+}
+
+/// What the state store says about surviving its own restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Append-only file: at most about a second of decisions lost.
+    Aof,
+    /// RDB snapshots only: decisions since the last snapshot are lost.
+    Rdb,
+    /// Nothing on disk: a restart forgets every stored decision.
+    None,
+    /// The store would not say (CONFIG disabled, as on managed Redis).
+    Unknown,
+}
+
+impl Persistence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Persistence::Aof => "aof",
+            Persistence::Rdb => "rdb",
+            Persistence::None => "none",
+            Persistence::Unknown => "unknown",
+        }
+    }
+
+    /// A warning for operators, when replays would be forgotten on restart.
+    pub fn warning(self) -> Option<&'static str> {
+        match self {
+            Persistence::Aof => None,
+            Persistence::Rdb => Some(
+                "Redis persists by RDB snapshots only: a restart forgets the decisions since the last one; set appendonly yes, appendfsync everysec",
+            ),
+            Persistence::None => Some(
+                "Redis has no persistence: a restart forgets every stored decision, and replays are decided again; set appendonly yes, appendfsync everysec",
+            ),
+            Persistence::Unknown => Some(
+                "Redis persistence unknown (CONFIG GET refused): make sure AOF is on, or a restart forgets stored decisions",
+            ),
+        }
+    }
 }
 
 /// Fixed-window counters (the SMS burst limit).

@@ -6,7 +6,11 @@
 //! command. One multiplexed connection serves the whole process. Commands
 //! never wait for a reconnect: while Redis is down they fail at once, and
 //! every operation has a hard 200 ms budget (guide §6), so a request is never
-//! held up by Redis for longer than that. The client reconnects by itself, so
+//! held up by Redis for longer than that. While the client knows the
+//! connection is lost (it is reconnecting), operations are not even queued:
+//! fred's router sits in its reconnect backoff, so a queued command would
+//! wait out the whole budget. They fail at once with [`StateError::Down`];
+//! a Redis that is merely slow keeps its connection and its 200 ms budget. The client reconnects by itself, so
 //! recovery needs no restart, and the process starts even when Redis is down
 //! at boot (`/healthz` is 503 and writes fail closed until it is back).
 
@@ -19,11 +23,12 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
     LuaInterface, Options, ReconnectPolicy, SetOptions, Value,
 };
+use fred::types::ClientState;
 use fred::types::config::{ServerConfig, TlsConfig, TlsConnector};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
-use super::{Claim, RateLimiter, ReplayGuard, StateError};
+use super::{Claim, Persistence, RateLimiter, ReplayGuard, StateError};
 use crate::domain::{RequestId, VerifyResponse};
 use crate::tls::{ClientTls, ProbeError};
 
@@ -383,10 +388,21 @@ impl RedisState {
     }
 }
 
-/// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends.
+/// [`StateError::Down`] unless the client holds a live connection.
+fn connected(client: &Client) -> Result<(), StateError> {
+    match client.state() {
+        ClientState::Connected => Ok(()),
+        _ => Err(StateError::Down),
+    }
+}
+
+/// Runs `operation` within [`COMMAND_TIMEOUT`], whatever it sends; fails at
+/// once, sending nothing, while `client` is known to be disconnected.
 async fn bounded<T>(
+    client: &Client,
     operation: impl Future<Output = Result<T, RedisError>>,
 ) -> Result<T, StateError> {
+    connected(client)?;
     match tokio::time::timeout(COMMAND_TIMEOUT, operation).await {
         Ok(result) => result.map_err(state_error),
         Err(_) => Err(StateError::Timeout),
@@ -402,8 +418,9 @@ async fn run_script(
     key: String,
     args: Vec<Value>,
 ) -> Result<Value, StateError> {
+    let down = client;
     let client = client.with_options(options);
-    bounded(async {
+    bounded(down, async {
         match client
             .evalsha::<Value, _, _, _>(script.sha1.as_str(), key.as_str(), args.clone())
             .await
@@ -450,13 +467,16 @@ impl ReplayGuard for RedisState {
         let client = self.client.with_options(&self.options);
         // XX: only over our claim. If the claim is gone (expired, or deleted
         // by an operator) the id is free again and nothing is stored.
-        let stored: Option<String> = bounded(client.set(
-            Self::key(request_id),
-            record,
-            Some(Expiration::EX(seconds(self.replay_ttl))),
-            Some(SetOptions::XX),
-            false,
-        ))
+        let stored: Option<String> = bounded(
+            &self.client,
+            client.set(
+                Self::key(request_id),
+                record,
+                Some(Expiration::EX(seconds(self.replay_ttl))),
+                Some(SetOptions::XX),
+                false,
+            ),
+        )
         .await?;
         if stored.is_none() {
             tracing::warn!(request_id = %request_id.as_str(), "claim vanished before the decision was stored; the request_id may be decided again");
@@ -474,9 +494,13 @@ impl ReplayGuard for RedisState {
 
     async fn ping(&self) -> Result<(), StateError> {
         let client = self.client.with_options(&self.options);
-        let result = bounded(client.ping::<Value>(None)).await.map(drop);
-        if let (Err(StateError::Unavailable(_) | StateError::Timeout), Some(probe)) =
-            (&result, &self.tls_probe)
+        let result = bounded(&self.client, client.ping::<Value>(None))
+            .await
+            .map(drop);
+        if let (
+            Err(StateError::Unavailable(_) | StateError::Timeout | StateError::Down),
+            Some(probe),
+        ) = (&result, &self.tls_probe)
             // Within the health check's own 2 s budget.
             && let Some(reason) = probe.handshake_failure(HEALTH_PROBE_TIMEOUT).await
         {
@@ -485,6 +509,43 @@ impl ReplayGuard for RedisState {
             )));
         }
         result
+    }
+
+    /// `INFO persistence` for AOF, then `CONFIG GET save` for RDB points.
+    /// Managed Redis often disables CONFIG: then the answer is unknown.
+    async fn persistence(&self) -> Option<Persistence> {
+        let client = self.client.with_options(&self.options);
+        let info: String = bounded(
+            &self.client,
+            client.custom(fred::cmd!("INFO"), vec!["persistence"]),
+        )
+        .await
+        .ok()?;
+        if aof_enabled(&info) {
+            return Some(Persistence::Aof);
+        }
+        let save: Result<Vec<String>, _> = bounded(
+            &self.client,
+            client.custom(fred::cmd!("CONFIG"), vec!["GET", "save"]),
+        )
+        .await;
+        Some(match save {
+            Ok(pair) => rdb_from_save(&pair),
+            Err(_) => Persistence::Unknown,
+        })
+    }
+}
+
+/// `aof_enabled:1` in an `INFO persistence` reply.
+fn aof_enabled(info: &str) -> bool {
+    info.lines().any(|line| line.trim() == "aof_enabled:1")
+}
+
+/// `CONFIG GET save` answers `["save", "<points>"]`; no points, no RDB.
+fn rdb_from_save(pair: &[String]) -> Persistence {
+    match pair.get(1) {
+        Some(points) if !points.trim().is_empty() => Persistence::Rdb,
+        _ => Persistence::None,
     }
 }
 
@@ -594,6 +655,18 @@ mod tests {
             Script::new("return 1").sha1,
             "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
         );
+    }
+
+    #[test]
+    fn persistence_is_read_from_info_and_config() {
+        assert!(aof_enabled(
+            "# Persistence\r\nloading:0\r\naof_enabled:1\r\n"
+        ));
+        assert!(!aof_enabled("# Persistence\r\naof_enabled:0\r\n"));
+        let pair = |points: &str| vec!["save".to_owned(), points.to_owned()];
+        assert_eq!(rdb_from_save(&pair("3600 1 300 100")), Persistence::Rdb);
+        assert_eq!(rdb_from_save(&pair("")), Persistence::None);
+        assert_eq!(rdb_from_save(&[]), Persistence::None);
     }
 
     #[test]

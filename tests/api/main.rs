@@ -6,6 +6,7 @@
 
 mod audit;
 mod audit_spool;
+mod connections;
 mod contract;
 mod disconnect;
 mod ext_authz;
@@ -18,6 +19,7 @@ mod postgres_audit;
 mod production;
 mod properties_pg;
 mod redis_state;
+mod replay_reload;
 mod servers;
 mod tls;
 mod verify;

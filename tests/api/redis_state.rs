@@ -438,3 +438,95 @@ async fn a_claim_that_timed_out_but_ran_late_does_not_block_the_retry() {
     assert_eq!(retried["decision"], "ALLOW", "{retried}");
     assert!(violations(&retried).is_empty(), "{retried}");
 }
+
+/// Median of `samples`, in milliseconds.
+fn p50_ms(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1000.0
+}
+
+/// `READS` reads, one after the other; their latencies.
+async fn timed_reads(app: &TestApp, reads: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(reads);
+    for i in 0..reads {
+        let tool = READ_TOOLS[i % READ_TOOLS.len()];
+        let started = std::time::Instant::now();
+        let decision = app.decide(&request(tool, "ALLOW")).await;
+        samples.push(started.elapsed());
+        assert_eq!(decision["decision"], "ALLOW", "{tool}: {decision}");
+    }
+    samples
+}
+
+const STATE_DOWN: &str = "casf_state_error_total{kind=\"down\"}";
+const STATE_TIMEOUT: &str = "casf_state_error_total{kind=\"timeout\"}";
+const STATE_UNAVAILABLE: &str = "casf_state_error_total{kind=\"unavailable\"}";
+
+#[tokio::test]
+async fn reads_skip_a_redis_known_down_without_waiting_and_writes_fail_closed_at_once() {
+    const READS: usize = 60;
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[("REDIS_URL", url.as_str())]).await;
+    // This Redis runs with no persistence: a warning, not a failure.
+    let (status, body) = healthz(&app).await;
+    assert_eq!(status, 200, "{body}");
+    let persistence = body["checks"]["redis_persistence"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(persistence.starts_with("none (warning: "), "{body}");
+    let up = p50_ms(timed_reads(&app, READS).await);
+
+    redis.stop();
+    // Known down: the client has seen its connection go and is reconnecting,
+    // so even a probe is not tried.
+    wait_until(
+        RECOVERY_DEADLINE,
+        "the client knows Redis is down",
+        || async {
+            let (status, body) = healthz(&app).await;
+            status == 503 && body.to_string().contains("not connected")
+        },
+    )
+    .await;
+
+    let before = counters(&app).await;
+    let down = p50_ms(timed_reads(&app, READS).await);
+    let mut denied = Vec::new();
+    for tool in WRITE_TOOLS {
+        let body = request(tool, "ALLOW");
+        let decision = app.decide(&body).await;
+        assert_eq!(
+            violations(&decision),
+            ["FAIL_CLOSED", "Inv_ReplayCheckUnavailable"],
+            "{tool}"
+        );
+        denied.push(body);
+    }
+    let after = counters(&app).await;
+    let delta = |series: &str| after(series) - before(series);
+    // Every read and write skipped the store; none waited for a budget.
+    assert_eq!(delta(STATE_DOWN), (READS + WRITE_TOOLS.len()) as f64);
+    assert_eq!(delta(STATE_TIMEOUT), 0.0);
+    assert_eq!(delta(STATE_UNAVAILABLE), 0.0);
+    assert_eq!(delta(FAIL_CLOSED_REDIS), WRITE_TOOLS.len() as f64);
+    eprintln!(
+        "read p50 over {READS} sequential reads: Redis up {up:.2} ms, Redis killed {down:.2} ms"
+    );
+
+    redis.restart().await;
+    wait_until(
+        RECOVERY_DEADLINE,
+        "/healthz recovers with Redis",
+        || async { healthz(&app).await.0 == 200 },
+    )
+    .await;
+    // The fail-closed denies were not stored: retries get real decisions.
+    for body in &denied {
+        let decision = app.decide(body).await;
+        assert!(
+            !violations(&decision).contains(&"FAIL_CLOSED"),
+            "{decision}"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! What one client connection may cost, on both doors. Without limits a
+//! client holding unfinished headers, or many idle keep-alive connections,
+//! keeps memory and file descriptors for as long as it likes, until
+//! `/health` stops answering. So each door has:
+//!
+//! - a cap on open connections (`CASF_MAX_CONNECTIONS`): one more is
+//!   accepted and closed at once, so the backlog never fills with clients
+//!   that wait forever; slots come back as connections end or time out;
+//! - an idle timeout (`CASF_IDLE_TIMEOUT_SECONDS`): a connection the client
+//!   sent nothing on for that long is closed (HTTP keep-alive, a gRPC peer
+//!   gone silent; Envoy's HTTP/2 pings answer count as traffic);
+//! - on the HTTP door, a header read timeout
+//!   (`CASF_HTTP_HEADER_TIMEOUT_SECONDS`): a request head not complete in
+//!   that time closes the connection (slowloris).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::{Instant, Sleep};
+
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// How long the accept loop pauses after an error such as EMFILE, so that
+/// it does not spin while no descriptor is free.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Per door.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// A connection that holds one of its door's slots until it is dropped, and
+/// fails its reads once the client has sent nothing for `idle`.
+pub struct Limited {
+    inner: TcpStream,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Limited {
+    fn new(inner: TcpStream, idle: Duration, slot: OwnedSemaphorePermit) -> Self {
+        Limited {
+            inner,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            _slot: slot,
+        }
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let next = Instant::now() + self.idle;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "idle connection closed",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Limited {
+    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// A door's slots: a connection past the cap is closed as it is accepted.
+#[derive(Clone)]
+pub struct Slots {
+    semaphore: Arc<Semaphore>,
+    limits: ConnectionLimits,
+    door: &'static str,
+}
+
+impl Slots {
+    pub fn new(limits: ConnectionLimits, door: &'static str) -> Self {
+        Slots {
+            semaphore: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            door,
+        }
+    }
+
+    /// The accepted stream with its slot, or `None` (and the stream closed)
+    /// when every slot is taken.
+    pub fn admit(&self, stream: TcpStream) -> Option<Limited> {
+        // TCP_NODELAY, so that no part of a response waits for the client's ACK.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on a connection");
+        }
+        match self.semaphore.clone().try_acquire_owned() {
+            Ok(slot) => Some(Limited::new(stream, self.limits.idle_timeout, slot)),
+            Err(_) => {
+                tracing::debug!(
+                    door = self.door,
+                    max = self.limits.max_connections,
+                    "connection refused: the door is at CASF_MAX_CONNECTIONS"
+                );
+                None
+            }
+        }
+    }
+
+    /// Waits until every admitted connection has ended.
+    async fn all_returned(&self) {
+        let all = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
+        let _ = self.semaphore.acquire_many(all).await;
+    }
+}
+
+/// Serves `app` on `listener` with `limits` until `shutdown` resolves, then
+/// lets open requests finish (idle keep-alive connections close at once).
+pub async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let slots = Slots::new(limits, "http");
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let (stop, stopping) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // EMFILE and friends: the listener itself is fine.
+                    tracing::debug!(%error, "HTTP accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some(io) = slots.admit(stream) else {
+            continue;
+        };
+        let builder = builder.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::trace!(%error, "HTTP connection ended");
+                        }
+                        break;
+                    }
+                    _ = stopping.wait_for(|stop| *stop), if !draining => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    stop.send_replace(true);
+    slots.all_returned().await;
+    Ok(())
+}
+
+/// The gRPC door's accepted connections, each holding a slot, for tonic.
+pub fn grpc_incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+) -> impl tokio_stream::Stream<Item = io::Result<Limited>> {
+    use tokio_stream::StreamExt;
+    let slots = Slots::new(limits, "grpc");
+    tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
+        match accepted {
+            Ok(stream) => slots.admit(stream).map(Ok),
+            // Passed on: tonic logs it and keeps accepting.
+            Err(error) => Some(Err(error)),
+        }
+    })
+}
