@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[tonic::async_trait]
@@ -52,7 +53,12 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// On `addr` (port 0: any free one).
+    pub async fn start_on(addr: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let collector = Collector::default();
         let service = TraceServiceServer::new(collector.clone());
@@ -69,6 +75,22 @@ impl OtlpReceiver {
     /// `http://addr`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many spans were received, without keeping them (for long runs).
+    #[allow(dead_code)]
+    pub fn count(&self) -> usize {
+        let mut spans = self.collector.spans.lock().unwrap();
+        let count = spans.len()
+            + self
+                .collector
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed);
+        self.collector
+            .dropped
+            .store(count, std::sync::atomic::Ordering::Relaxed);
+        spans.clear();
+        count
     }
 
     /// The spans received so far, with their resource's `service.name`.
