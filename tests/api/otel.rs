@@ -139,3 +139,58 @@ async fn decisions_are_exported_as_children_of_the_callers_traceparent() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Spans still batched when SIGTERM comes are exported before the process
+/// exits: with a one-minute batch delay, only the shutdown flush sends them.
+#[tokio::test]
+async fn sigterm_flushes_the_spans_still_batched() {
+    let receiver = OtlpReceiver::start().await;
+    let endpoint = receiver.endpoint();
+    let (mut child, logs, _dir) = serve_with_json_logs(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
+    ]);
+    let ready = logs.next_matching(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("casf-verifier ready"))
+    });
+    let http = ready["http"].as_str().unwrap().to_owned();
+    let (header, trace_id, _) = traceparent();
+    let response = casf_verifier::tls::http_client_builder()
+        .build()
+        .unwrap()
+        .post(format!("http://{http}/verify"))
+        .header("traceparent", &header)
+        .json(&json!({
+            "request_id": format!("otel-{}", uuid::Uuid::new_v4()),
+            "tool": "cliniccloud.list_appointments", "mode": "ALLOW", "role": "nurse",
+            "subject": {"patient_id": "pat-otel"}, "args": {},
+            "context": {"tenant_id": "clinic-a"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        receiver.spans().is_empty(),
+        "exported before the batch delay"
+    );
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().any(|(service, span)| span.name == "decision"
+            && hex::encode(&span.trace_id) == trace_id
+            && service.contains("casf-verifier")),
+        "{:?}",
+        spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
+    );
+}
