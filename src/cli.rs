@@ -150,18 +150,26 @@ where
         Ok(settings) => settings,
         Err(error) => return refuse("refusing to start", &error.to_string()),
     };
-    crate::telemetry::init(settings.log_format, settings.decision_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(error) => {
+            crate::telemetry::init(settings.log_format, settings.decision_log, false).shutdown();
             eprintln!("casf-verifier: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(command(settings))
+    // Inside the runtime: the OTLP exporter's channel runs on it.
+    let tracing = {
+        let _entered = runtime.enter();
+        crate::telemetry::init(settings.log_format, settings.decision_log, true)
+    };
+    let code = runtime.block_on(command(settings));
+    // The runtime still runs: the last batched spans are exported.
+    tracing.shutdown();
+    code
 }
 
 /// A line on stdout; a closed pipe (`check | head`) is not worth a panic.
@@ -357,7 +365,7 @@ fn audit_command(config: &ConfigArgs, action: AuditCommand) -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    crate::telemetry::init(settings.log_format, settings.decision_log);
+    crate::telemetry::init(settings.log_format, settings.decision_log, false).shutdown();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

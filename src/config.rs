@@ -266,6 +266,30 @@ pub const LIBRARY_VARIABLES: &[Variable] = &[
         "2",
         "0 (recommended) commits the allocator's arenas on demand",
     ),
+    var(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "",
+        "unset: no tracing export",
+        "OTLP/gRPC collector for the decision spans (any OTEL_* here turns export on)",
+    ),
+    var(
+        "OTEL_SERVICE_NAME",
+        "",
+        "casf-verifier",
+        "service.name of the exported spans",
+    ),
+    var(
+        "OTEL_TRACES_SAMPLER",
+        "",
+        "parentbased_always_on",
+        "OpenTelemetry sampler (always_on, traceidratio, parentbased_traceidratio, ...)",
+    ),
+    var(
+        "OTEL_TRACES_SAMPLER_ARG",
+        "",
+        "1.0",
+        "the ratio of the traceidratio samplers",
+    ),
 ];
 
 /// The raw values of [`VARIABLES`], from flags or the environment, as clap

@@ -112,7 +112,13 @@ async fn verify(
     };
     // The pipeline finishes the decision even if this handler is dropped
     // because the client went away.
-    let verdict = state.pipeline.decide(request, Door::Http).await;
+    let parent = crate::telemetry::TraceParent::from_headers(|name| {
+        headers.get(name).and_then(|value| value.to_str().ok())
+    });
+    let verdict = state
+        .pipeline
+        .decide_traced(request, Door::Http, parent)
+        .await;
     let mut answer = (StatusCode::OK, axum::Json(verdict.response)).into_response();
     if let Some(mode) = verdict.floor_applied {
         answer.headers_mut().insert(

@@ -13,6 +13,7 @@
 //! of the stages', deduplicated, in stage order. Writes fail closed when a
 //! dependency fails; reads go on without it.
 
+use crate::telemetry::TraceParent;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -208,10 +209,22 @@ impl Pipeline {
     /// The decision runs in its own task, which owns `request`: dropping the
     /// returned future (a client gone, Envoy's timeout) does not stop it.
     pub async fn decide(self: &Arc<Self>, request: VerifyRequest, door: Door) -> Verdict {
+        self.decide_traced(request, door, None).await
+    }
+
+    /// [`Self::decide`], as a child of the caller's trace when the door
+    /// found a W3C `traceparent` (and OpenTelemetry is on).
+    pub async fn decide_traced(
+        self: &Arc<Self>,
+        request: VerifyRequest,
+        door: Door,
+        parent: Option<TraceParent>,
+    ) -> Verdict {
         let started = Instant::now();
         // Every log event of the decision, in whatever task, carries its
         // request_id through this span.
         let span = crate::telemetry::decision_span(&request, door);
+        crate::telemetry::set_parent(&span, parent.as_ref());
         let pipeline = Arc::clone(self);
         let task = tokio::spawn(
             async move { pipeline.decide_owned(request, door, started).await }
@@ -296,7 +309,11 @@ impl Pipeline {
 
         // 1. Anti-replay gate.
         if let Some(guard) = &self.replay {
-            match guard.claim(&request.request_id, &fingerprint).await {
+            let claimed = guard
+                .claim(&request.request_id, &fingerprint)
+                .instrument(tracing::info_span!("replay_claim"))
+                .await;
+            match claimed {
                 Ok(Claim::Claimed) => progress.claimed = true,
                 Ok(Claim::Cached(response)) => {
                     self.metrics.replay_hit();
@@ -352,14 +369,18 @@ impl Pipeline {
         }
 
         // 3. Policy, under the mode in force.
-        let evaluated = match floor_applied {
-            None => self.policy.evaluate(&input).await,
-            Some(mode) => {
-                let mut raised = input.clone();
-                raised["mode"] = json!(mode.as_str());
-                self.policy.evaluate(&raised).await
+        let evaluated = async {
+            match floor_applied {
+                None => self.policy.evaluate(&input).await,
+                Some(mode) => {
+                    let mut raised = input.clone();
+                    raised["mode"] = json!(mode.as_str());
+                    self.policy.evaluate(&raised).await
+                }
             }
-        };
+        }
+        .instrument(tracing::info_span!("policy"))
+        .await;
         match evaluated {
             Ok(verdict) if !verdict.allow && verdict.violations.is_empty() => {
                 findings.push(violation::OPA_DENY)
@@ -380,7 +401,12 @@ impl Pipeline {
         // allowed, so denied or replayed requests never use up the quota.
         if request.tool == Tool::SendSms && findings.violations.is_empty() {
             let key = format!("sms:{}", request.patient_id().unwrap_or_default());
-            match self.limiter.hit(&key, self.sms_limit.window).await {
+            let counted = self
+                .limiter
+                .hit(&key, self.sms_limit.window)
+                .instrument(tracing::info_span!("rate_limit"))
+                .await;
+            match counted {
                 Ok(count) if count > self.sms_limit.max => {
                     self.metrics.sms_limited();
                     findings.push(violation::NO_SMS_BURST)
@@ -495,7 +521,11 @@ impl Pipeline {
                 }),
             },
         );
-        match writer.append(event).await {
+        let appended = writer
+            .append(event)
+            .instrument(tracing::info_span!("audit_commit"))
+            .await;
+        match appended {
             Ok(receipt) => Verdict {
                 response,
                 audit: Some(receipt),

@@ -10,8 +10,16 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Directive;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::domain::VerifyRequest;
 use crate::metrics::Door;
@@ -42,30 +50,173 @@ impl LogFormat {
     }
 }
 
+/// The standard variables that turn OpenTelemetry on: with none of them
+/// set there is no exporter and no OpenTelemetry layer.
+pub const OTEL_VARIABLES: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+];
+
+/// The service name when `OTEL_SERVICE_NAME` is unset.
+const SERVICE_NAME: &str = "casf-verifier";
+
+/// Whether OpenTelemetry is on: read once by [`init`], then by the doors'
+/// parent extraction so that, when off, a `traceparent` costs nothing.
+static OTEL_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether an `OTEL_*` variable of [`OTEL_VARIABLES`] is set (non-empty).
+pub fn otel_requested() -> bool {
+    OTEL_VARIABLES
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+}
+
+/// The tracer provider, when OpenTelemetry is on: [`Tracing::shutdown`]
+/// exports the spans still batched before the process exits.
+#[must_use = "shut it down on exit, or batched spans are lost"]
+#[derive(Default)]
+pub struct Tracing {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Tracing {
+    /// Flushes and stops the exporter (a no-op when OpenTelemetry is off).
+    /// Blocks: call it outside async code, with the runtime still alive.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(error) = provider.force_flush() {
+                eprintln!("casf-verifier: flushing OpenTelemetry spans: {error}");
+            }
+            if let Err(error) = provider.shutdown() {
+                eprintln!("casf-verifier: stopping the OpenTelemetry exporter: {error}");
+            }
+        }
+    }
+}
+
 /// Installs the process's subscriber. A second call (tests) keeps the first.
-pub fn init(format: LogFormat, decision_log: bool) {
+///
+/// With `otel` and an `OTEL_*` variable set, also an OTLP/gRPC exporter of
+/// the spans (the OpenTelemetry SDK reads the endpoint, sampler and batch
+/// settings from the standard variables). Its channel is spawned on the
+/// current Tokio runtime, which must therefore be entered.
+pub fn init(format: LogFormat, decision_log: bool, otel: bool) -> Tracing {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let filter = match decision_directive(decision_log) {
         Some(directive) => filter.add_directive(directive),
         None => filter,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (provider, otel_error) = if otel && otel_requested() {
+        match tracer_provider() {
+            Ok(provider) => (Some(provider), None),
+            Err(error) => (None, Some(error)),
+        }
+    } else {
+        (None, None)
+    };
+    let otel_layer = provider.as_ref().map(|provider| {
+        // Only the verifier's own spans: not the exporter's (tonic, h2),
+        // which would trace their own exports.
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(SERVICE_NAME))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO),
+            )
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // When stderr is gone (a closed pipe), a log line is lost; reporting
         // that with eprintln! would panic the task that logged instead.
         .log_internal_errors(false);
-    let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+    let registry = tracing_subscriber::registry().with(otel_layer);
+    let installed = match format {
+        LogFormat::Text => registry
+            .with(
+                fmt.with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
+            )
             .try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_filter(filter),
+            )
             .try_init(),
     };
+    if let Some(error) = otel_error {
+        tracing::error!(%error, "OpenTelemetry exporter not started: spans are not exported");
+    }
+    if installed.is_err() {
+        // Another subscriber was already installed: this provider is unused.
+        if let Some(provider) = provider {
+            let _ = provider.shutdown();
+        }
+        return Tracing::default();
+    }
+    if provider.is_some() {
+        OTEL_ON.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("OpenTelemetry: exporting spans over OTLP/gRPC");
+    }
+    Tracing { provider }
+}
+
+fn tracer_provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none_or(|name| name.is_empty()) {
+        resource = resource.with_service_name(SERVICE_NAME);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Whether spans are exported: the doors look for a `traceparent` only then.
+pub fn otel_on() -> bool {
+    OTEL_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Makes the W3C `traceparent` (and `tracestate`) the parent of `span`, so
+/// the decision joins the caller's trace. Nothing when OpenTelemetry is off
+/// or the header is absent or malformed.
+pub fn set_parent(span: &tracing::Span, parent: Option<&TraceParent>) {
+    let Some(parent) = parent else { return };
+    if !otel_on() {
+        return;
+    }
+    let context = TraceContextPropagator::new().extract(&parent.0);
+    let _ = span.set_parent(context);
+}
+
+/// The W3C trace-context headers of a request (`traceparent`, and
+/// `tracestate` if any), as the doors found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceParent(std::collections::HashMap<String, String>);
+
+impl TraceParent {
+    /// From a header lookup by lower-case name; `None` without `traceparent`
+    /// or when OpenTelemetry is off.
+    pub fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Self> {
+        if !otel_on() {
+            return None;
+        }
+        let traceparent = get("traceparent")?;
+        let mut headers = std::collections::HashMap::new();
+        headers.insert("traceparent".to_owned(), traceparent.to_owned());
+        if let Some(state) = get("tracestate") {
+            headers.insert("tracestate".to_owned(), state.to_owned());
+        }
+        Some(TraceParent(headers))
+    }
 }
 
 fn decision_directive(on: bool) -> Option<Directive> {

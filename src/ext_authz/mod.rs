@@ -138,7 +138,10 @@ impl Authorization for ExtAuthz {
         let outcome = match translated {
             Ok(Ok(request)) => Outcome::Decided {
                 request_id: request.request_id.as_str().to_owned(),
-                verdict: self.pipeline.decide(request, Door::ExtAuthz).await,
+                verdict: self
+                    .pipeline
+                    .decide_traced(request, Door::ExtAuthz, translate::trace_parent(&check))
+                    .await,
             },
             Ok(Err(error)) => Outcome::Refused { request_id, error },
             Err(_) => {

@@ -96,6 +96,17 @@ pub fn headers(http: &HttpRequest) -> HashMap<String, String> {
     joined
 }
 
+/// The W3C trace context of the client request (`traceparent`), if any and
+/// if spans are exported.
+pub fn trace_parent(check: &CheckRequest) -> Option<crate::telemetry::TraceParent> {
+    if !crate::telemetry::otel_on() {
+        return None;
+    }
+    let http = check.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
+    let headers = headers(http);
+    crate::telemetry::TraceParent::from_headers(|name| headers.get(name).map(String::as_str))
+}
+
 /// The request id Envoy's caller chose, if any.
 pub fn request_id(headers: &HashMap<String, String>) -> Option<&str> {
     REQUEST_ID_HEADERS.iter().find_map(|name| {

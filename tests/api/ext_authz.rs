@@ -32,7 +32,7 @@ const PERMISSION_DENIED: i32 = 7;
 
 /// A Check as Envoy sends it, with jwt_authn claims in metadata_context
 /// (the shipped routes.yaml trusts no identity headers).
-fn check(
+pub(crate) fn check(
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -80,7 +80,7 @@ fn check(
     }
 }
 
-fn nurse() -> Option<Value> {
+pub(crate) fn nurse() -> Option<Value> {
     Some(json!({"casf_role": "nurse", "casf_tenant_id": "t-1", "sub": "u-1"}))
 }
 

@@ -14,6 +14,9 @@ mod helpers;
 mod mode_floor;
 mod opa_policy;
 mod operator;
+mod otel;
+#[path = "../support/otlp_receiver.rs"]
+mod otlp_receiver;
 mod pg;
 mod postgres_audit;
 mod production;

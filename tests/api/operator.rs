@@ -379,7 +379,7 @@ fn json_logs_are_one_object_a_line_and_bad_formats_refuse_to_start() {
 
 /// The server binary on loopback ports with JSON logs (and `extra`
 /// settings), and its log lines as JSON values.
-fn serve_with_json_logs(
+pub(crate) fn serve_with_json_logs(
     extra: &[(&str, &str)],
 ) -> (std::process::Child, JsonLines, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -403,11 +403,11 @@ fn serve_with_json_logs(
     (child, JsonLines(lines_rx), dir)
 }
 
-struct JsonLines(std::sync::mpsc::Receiver<Value>);
+pub(crate) struct JsonLines(std::sync::mpsc::Receiver<Value>);
 
 impl JsonLines {
     /// The next line that `pred` accepts, within 30 s.
-    fn next_matching(&self, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn next_matching(&self, pred: impl Fn(&Value) -> bool) -> Value {
         loop {
             let line = self
                 .0
