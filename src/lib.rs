@@ -19,6 +19,7 @@ pub mod http;
 pub mod log_limit;
 pub mod metrics;
 pub mod mode_floor;
+pub mod peer;
 pub mod pipeline;
 pub mod policy;
 pub mod secret;
