@@ -33,9 +33,11 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
+import urllib.parse
 
 COLUMNS = ("request_id", "event_id", "ts", "actor", "action", "decision")
 EXPORT_SQL = (
@@ -181,12 +183,21 @@ def jsonl_rows(lines):
 
 
 def psql_rows(dsn):
+    # A URL's password goes to psql through PGPASSWORD, not its command
+    # line, which other users of the host can read.
+    env = dict(os.environ)
+    url = urllib.parse.urlsplit(dsn)
+    if url.scheme in ("postgres", "postgresql") and url.password is not None:
+        env["PGPASSWORD"] = urllib.parse.unquote(url.password)
+        host = url.netloc.rsplit("@", 1)[1]
+        user = url.username or ""
+        dsn = urllib.parse.urlunsplit(url._replace(netloc=f"{user}@{host}" if user else host))
     process = subprocess.Popen(
         ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-c", EXPORT_SQL],
         stdout=subprocess.PIPE,
         text=True,
         encoding="utf-8",
-        env=None,
+        env=env,
     )
     yield from jsonl_rows(process.stdout)
     if process.wait() != 0:

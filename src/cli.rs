@@ -279,6 +279,12 @@ fn check(config: &ConfigArgs) -> ExitCode {
         Ok((_, summary)) => say(format!("routes: ok: {summary}")),
         Err(error) => return failed(error.to_string()),
     }
+    if settings.audit_signing_key.is_some() {
+        match load_signing_key(&settings) {
+            Ok(key) => say(format!("audit signing key: ok: key id {}", key.key_id())),
+            Err(error) => return failed(error),
+        }
+    }
     ExitCode::SUCCESS
 }
 

@@ -119,13 +119,17 @@ pub async fn open_chain_reader(backend: &AuditBackend) -> Result<Box<dyn ChainSo
 async fn checkpoint_schedule(
     settings: &Settings,
 ) -> Result<Option<crate::audit::checkpoint::Schedule>, StartupError> {
-    let (Some(schedule), Some(key_path), false) = (
-        &settings.audit_checkpoints,
-        &settings.audit_signing_key,
-        settings.audit_disabled,
-    ) else {
+    let (Some(schedule), Some(key_path)) =
+        (&settings.audit_checkpoints, &settings.audit_signing_key)
+    else {
         return Ok(None);
     };
+    if settings.audit_disabled {
+        tracing::warn!(
+            "CASF_AUDIT_CHECKPOINT_EVERY is ignored: CASF_DISABLE_AUDIT=1 writes no trail"
+        );
+        return Ok(None);
+    }
     let key = crate::audit::signing::AuditSigningKey::load(key_path)
         .map_err(|e| StartupError::Checkpoints(format!("CASF_AUDIT_SIGNING_KEY: {e}")))?;
     let source = open_chain_reader(&settings.audit)

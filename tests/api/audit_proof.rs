@@ -610,6 +610,17 @@ async fn signed_digests_and_checkpoints_verify_with_openssl_alone() {
     );
     let out = store.cli(&["audit", "checkpoint"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
+
+    // `check` reads the key too, so CI catches a bad one before serve does.
+    let out = store.cli(&["check"], &[("CASF_AUDIT_SIGNING_KEY", &keys.private)]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    assert!(
+        stdout(&out).contains(&format!("audit signing key: ok: key id {id}")),
+        "{}",
+        printed(&out)
+    );
+    let out = store.cli(&["check"], &[("CASF_AUDIT_SIGNING_KEY", &not_a_key)]);
+    assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
 }
 
 /// `serve` with CASF_AUDIT_CHECKPOINT_EVERY appends signed checkpoints that
