@@ -121,6 +121,8 @@ cmd_install() {
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   # The TLS tests make their CA and certificates with the openssl CLI.
   command -v openssl >/dev/null || missing+=(openssl)
+  # The documented check of a signed digest or checkpoint (jq + openssl).
+  command -v jq >/dev/null || missing+=(jq)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
   install_opa_bindings
   install_envoy

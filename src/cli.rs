@@ -1,5 +1,6 @@
 //! Command line: `serve` (the default), `check` (configuration, policy and
 //! route map, for users' CI), `migrate`, `audit verify`, `audit digest`,
+//! `audit checkpoint`, `audit keygen`,
 //! `healthcheck` (the container's probe) and `dev-token` (a quickstart JWT).
 //!
 //! Every configuration variable is also a global flag ([`ConfigArgs`]), so
@@ -12,14 +13,17 @@
 //! A refusal is printed once, on stderr.
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use chrono::NaiveDate;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::audit::EventFilter;
+use crate::audit::checkpoint;
 use crate::audit::digest::{digest, yesterday};
-use crate::audit::scan::walk;
+use crate::audit::scan::walk_watching;
+use crate::audit::signing::{AuditPublicKey, AuditSigningKey};
 use crate::config::{AuditBackend, ConfigArgs, PolicyBackend, Redactor, Settings};
 use crate::domain::Role;
 use crate::startup::{Application, migrate_audit_log, open_chain_reader, shutdown_signal};
@@ -83,11 +87,40 @@ fn parse_role(raw: &str) -> Result<Role, String> {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Recompute every hash of the whole chain; print the first broken event.
-    Verify,
+    /// With --checkpoints, also check each signed checkpoint: exit 1 if the
+    /// chain no longer holds one (a cut tail, a rewritten or replaced chain).
+    Verify {
+        /// A checkpoint file (one signed checkpoint a line).
+        #[arg(long, requires = "public_key")]
+        checkpoints: Option<PathBuf>,
+        /// The PEM public key (BEGIN PUBLIC KEY) that signed the checkpoints.
+        #[arg(long, requires = "checkpoints")]
+        public_key: Option<PathBuf>,
+    },
     /// Print the daily digest JSON for a UTC day (default: yesterday).
     Digest {
         /// The day, YYYY-MM-DD.
         date: Option<NaiveDate>,
+        /// Sign the digest with CASF_AUDIT_SIGNING_KEY (adds key_id and signature).
+        #[arg(long)]
+        sign: bool,
+    },
+    /// Sign a checkpoint of the chain head (last id, last hash, count, time)
+    /// with CASF_AUDIT_SIGNING_KEY; append it to --out, or print it.
+    Checkpoint {
+        /// The checkpoint file to append one line to.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write a new Ed25519 key pair: the private key (PKCS#8 PEM, mode 0600,
+    /// never overwritten) and its public key (PEM). Prints the key id only.
+    Keygen {
+        /// Where to write the private key (CASF_AUDIT_SIGNING_KEY).
+        #[arg(long)]
+        private_key: PathBuf,
+        /// Where to write the public key (for `audit verify --public-key`).
+        #[arg(long)]
+        public_key: PathBuf,
     },
 }
 
@@ -103,6 +136,14 @@ pub fn run() -> ExitCode {
         Command::Serve => with_settings(&config, serve),
         Command::Check => check(&config),
         Command::Migrate => with_settings(&config, migrate),
+        // Needs no configuration and touches no store.
+        Command::Audit {
+            action:
+                AuditCommand::Keygen {
+                    private_key,
+                    public_key,
+                },
+        } => keygen(&private_key, &public_key),
         Command::Audit { action } => audit_command(&config, action),
         // These two need no backends, and a probe must not exit 2.
         Command::Healthcheck { grpc } => healthcheck(&config, grpc),
@@ -238,6 +279,12 @@ fn check(config: &ConfigArgs) -> ExitCode {
         Ok((_, summary)) => say(format!("routes: ok: {summary}")),
         Err(error) => return failed(error.to_string()),
     }
+    if settings.audit_signing_key.is_some() {
+        match load_signing_key(&settings) {
+            Ok(key) => say(format!("audit signing key: ok: key id {}", key.key_id())),
+            Err(error) => return failed(error),
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -355,8 +402,10 @@ fn note_spooled(settings: &Settings) {
 /// once, on stderr, prefixed with the command (exit 2).
 fn audit_command(config: &ConfigArgs, action: AuditCommand) -> ExitCode {
     let command = match action {
-        AuditCommand::Verify => "audit verify",
+        AuditCommand::Verify { .. } => "audit verify",
         AuditCommand::Digest { .. } => "audit digest",
+        AuditCommand::Checkpoint { .. } => "audit checkpoint",
+        AuditCommand::Keygen { .. } => "audit keygen",
     };
     let settings = match Settings::from_args(config) {
         Ok(settings) => settings,
@@ -385,6 +434,29 @@ async fn audit(settings: Settings, action: AuditCommand, command: &str) -> ExitC
         eprintln!("casf-verifier: {command}: {}", redactor.redact(&error));
         ExitCode::from(EXIT_UNREACHABLE)
     };
+    // Keys and checkpoint files first: a refusal should not wait for a walk.
+    let signing_key = match &action {
+        AuditCommand::Checkpoint { .. } | AuditCommand::Digest { sign: true, .. } => {
+            match load_signing_key(&settings) {
+                Ok(key) => Some(key),
+                Err(error) => return refuse(error),
+            }
+        }
+        _ => None,
+    };
+    let checkpoints = match &action {
+        AuditCommand::Verify {
+            checkpoints: Some(file),
+            public_key: Some(key),
+        } => match (
+            checkpoint::read_file(file),
+            AuditPublicKey::load(key).map_err(|e| e.to_string()),
+        ) {
+            (Ok(checkpoints), Ok(key)) => Some((checkpoints, key)),
+            (Err(error), _) | (_, Err(error)) => return refuse(error),
+        },
+        _ => None,
+    };
     let source = match open_chain_reader(&settings.audit).await {
         Ok(source) => source,
         Err(error) => return refuse(error.to_string()),
@@ -392,33 +464,62 @@ async fn audit(settings: Settings, action: AuditCommand, command: &str) -> ExitC
     // Progress only for a person watching; pipes and logs stay clean.
     let progress = std::io::stderr().is_terminal();
     match action {
-        AuditCommand::Verify => {
-            match walk(source.as_ref(), &EventFilter::default(), progress).await {
+        AuditCommand::Verify { .. } => {
+            let watch = checkpoints
+                .as_ref()
+                .map(|(checkpoints, _)| checkpoint::watched_ids(checkpoints))
+                .unwrap_or_default();
+            match walk_watching(source.as_ref(), &EventFilter::default(), progress, watch).await {
                 Err(error) => refuse(error.to_string()),
-                Ok(chain) => match &chain.first_break {
-                    None => {
-                        println!(
-                            "chain valid: {} events, last hash {}",
-                            chain.count,
-                            chain.last_hash.as_deref().unwrap_or("-")
-                        );
-                        ExitCode::SUCCESS
+                Ok(chain) => {
+                    let mut code = match &chain.first_break {
+                        None => {
+                            println!(
+                                "chain valid: {} events, last hash {}",
+                                chain.count,
+                                chain.last_hash.as_deref().unwrap_or("-")
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Some(broken) => {
+                            println!(
+                                "chain broken at event id {} (event_id {}): {}",
+                                broken.id, broken.event_id, broken.reason
+                            );
+                            ExitCode::from(EXIT_BROKEN)
+                        }
+                    };
+                    if let Some((checkpoints, key)) = &checkpoints {
+                        let failures = checkpoint::check(checkpoints, key, &chain);
+                        for failure in &failures {
+                            println!("{failure}");
+                        }
+                        if failures.is_empty() {
+                            println!(
+                                "checkpoints hold: {} checked, signed by key {}",
+                                checkpoints.len(),
+                                key.key_id()
+                            );
+                        } else {
+                            code = ExitCode::from(EXIT_BROKEN);
+                        }
                     }
-                    Some(broken) => {
-                        println!(
-                            "chain broken at event id {} (event_id {}): {}",
-                            broken.id, broken.event_id, broken.reason
-                        );
-                        ExitCode::from(EXIT_BROKEN)
-                    }
-                },
+                    code
+                }
             }
         }
-        AuditCommand::Digest { date } => {
+        AuditCommand::Digest { date, .. } => {
             match digest(source.as_ref(), date.unwrap_or_else(yesterday), progress).await {
                 Err(error) => refuse(error.to_string()),
                 Ok(digest) => {
-                    match serde_json::to_string_pretty(&digest) {
+                    let mut document = match serde_json::to_value(&digest) {
+                        Ok(document) => document,
+                        Err(error) => return refuse(format!("cannot render the digest: {error}")),
+                    };
+                    if let Some(key) = &signing_key {
+                        key.sign_document(&mut document);
+                    }
+                    match serde_json::to_string_pretty(&document) {
                         Ok(text) => println!("{text}"),
                         Err(error) => return refuse(format!("cannot render the digest: {error}")),
                     }
@@ -432,6 +533,79 @@ async fn audit(settings: Settings, action: AuditCommand, command: &str) -> ExitC
                     ExitCode::SUCCESS
                 }
             }
+        }
+        AuditCommand::Checkpoint { out } => {
+            let Some(key) = &signing_key else {
+                return refuse("no signing key".into());
+            };
+            let backend = audit_backend_name(&settings);
+            let document = match checkpoint::make(source.as_ref(), backend, key).await {
+                Ok(document) => document,
+                Err(error) => return refuse(error.to_string()),
+            };
+            match out {
+                None => say(checkpoint::line(&document)),
+                Some(path) => {
+                    if let Err(error) = checkpoint::append(&path, &document) {
+                        return refuse(format!("cannot append to {}: {error}", path.display()));
+                    }
+                    say(format!(
+                        "checkpoint appended to {}: id {}, {} events, key {}",
+                        path.display(),
+                        document["last_id"],
+                        document["count"],
+                        key.key_id()
+                    ));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        // Dispatched before the settings are read.
+        AuditCommand::Keygen { .. } => refuse("keygen needs no store".into()),
+    }
+}
+
+/// `sqlite` or `postgres`, as a checkpoint records it.
+fn audit_backend_name(settings: &Settings) -> &'static str {
+    match settings.audit {
+        AuditBackend::Sqlite { .. } => "sqlite",
+        AuditBackend::Postgres { .. } => "postgres",
+    }
+}
+
+/// `CASF_AUDIT_SIGNING_KEY`, which the signing commands need.
+fn load_signing_key(settings: &Settings) -> Result<AuditSigningKey, String> {
+    let Some(path) = &settings.audit_signing_key else {
+        return Err(
+            "CASF_AUDIT_SIGNING_KEY is not set: point it at the private key \
+             (`casf-verifier audit keygen` writes one)"
+                .into(),
+        );
+    };
+    AuditSigningKey::load(path).map_err(|e| format!("CASF_AUDIT_SIGNING_KEY: {e}"))
+}
+
+/// `audit keygen`: a new key pair; exit 0, or 2 if either file cannot be
+/// written (an existing file is never overwritten).
+fn keygen(private: &std::path::Path, public: &std::path::Path) -> ExitCode {
+    let written = AuditSigningKey::generate().and_then(|key| {
+        key.write_pair(private, public)?;
+        Ok(key)
+    });
+    match written {
+        Ok(key) => {
+            say(format!(
+                "wrote the private key {} (mode 0600: keep it away from the audit database) \
+                 and the public key {}; key id {}",
+                private.display(),
+                public.display(),
+                key.key_id()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("casf-verifier: audit keygen: {error}");
+            ExitCode::from(EXIT_UNREACHABLE)
         }
     }
 }

@@ -243,6 +243,24 @@ pub const VARIABLES: &[Variable] = &[
         "4096",
         "most open connections per door; one more is closed at once",
     ),
+    var(
+        "CASF_AUDIT_SIGNING_KEY",
+        "audit-signing-key",
+        "unset: no signing",
+        "PEM PKCS#8 Ed25519 private key (audit keygen) that signs audit checkpoints and digest --sign",
+    ),
+    var(
+        "CASF_AUDIT_CHECKPOINT_EVERY",
+        "audit-checkpoint-every",
+        "unset: no periodic checkpoints",
+        "serve signs a checkpoint of the chain head this often: minutes, or a number with s, m or h (30s, 15m, 1h)",
+    ),
+    var(
+        "CASF_AUDIT_CHECKPOINT_FILE",
+        "audit-checkpoint-file",
+        "unset",
+        "the file serve appends its checkpoints to (with CASF_AUDIT_CHECKPOINT_EVERY)",
+    ),
 ];
 
 /// Variables read by libraries rather than by [`Settings`]; `--help` lists
@@ -451,6 +469,17 @@ pub struct Settings {
     pub audit_strict: bool,
     /// What one client connection may hold, per door.
     pub connections: crate::connections::ConnectionLimits,
+    /// `CASF_AUDIT_SIGNING_KEY`: the path only; the key is read by what signs.
+    pub audit_signing_key: Option<PathBuf>,
+    /// `CASF_AUDIT_CHECKPOINT_EVERY` and `CASF_AUDIT_CHECKPOINT_FILE`.
+    pub audit_checkpoints: Option<CheckpointSchedule>,
+}
+
+/// `serve`'s periodic signed checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointSchedule {
+    pub every: Duration,
+    pub file: PathBuf,
 }
 
 impl Settings {
@@ -551,6 +580,37 @@ impl Settings {
                     .unwrap_or_else(|| PathBuf::from("data/casf-audit.db")),
             },
         };
+        let audit_signing_key = get("CASF_AUDIT_SIGNING_KEY")?.map(PathBuf::from);
+        let audit_checkpoints = match (
+            get("CASF_AUDIT_CHECKPOINT_EVERY")?,
+            get("CASF_AUDIT_CHECKPOINT_FILE")?,
+        ) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "CASF_AUDIT_CHECKPOINT_FILE",
+                    "is set but CASF_AUDIT_CHECKPOINT_EVERY is not",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "CASF_AUDIT_CHECKPOINT_EVERY",
+                    "needs CASF_AUDIT_CHECKPOINT_FILE, the file to append to",
+                ));
+            }
+            (Some(every), Some(file)) => {
+                if audit_signing_key.is_none() {
+                    return Err(invalid(
+                        "CASF_AUDIT_CHECKPOINT_EVERY",
+                        "needs CASF_AUDIT_SIGNING_KEY, the key that signs them",
+                    ));
+                }
+                Some(CheckpointSchedule {
+                    every: parse_interval("CASF_AUDIT_CHECKPOINT_EVERY", &every)?,
+                    file: PathBuf::from(file),
+                })
+            }
+        };
         Ok(Settings {
             http_addr,
             grpc_addr,
@@ -616,6 +676,8 @@ impl Settings {
                     "",
                 )?,
             },
+            audit_signing_key,
+            audit_checkpoints,
         })
     }
 
@@ -707,6 +769,24 @@ fn parse_bool(var: &'static str, raw: Option<String>, default: bool) -> Result<b
     }
 }
 
+/// A period: whole minutes, or a whole number with `s`, `m` or `h`.
+fn parse_interval(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    let raw = raw.trim();
+    let (digits, unit) = match raw.char_indices().last() {
+        Some((at, 's')) => (&raw[..at], 1),
+        Some((at, 'm')) => (&raw[..at], 60),
+        Some((at, 'h')) => (&raw[..at], 3600),
+        _ => (raw, 60),
+    };
+    match digits.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n.saturating_mul(unit))),
+        _ => Err(invalid(
+            var,
+            format!("expected minutes or a whole number with s, m or h (e.g. 15m), got {raw:?}"),
+        )),
+    }
+}
+
 fn parse_seconds(
     var: &'static str,
     raw: Option<String>,
@@ -783,6 +863,44 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn checkpoint_schedule_needs_its_file_and_key_and_reads_units() {
+        let key = ("CASF_AUDIT_SIGNING_KEY", "k.pem");
+        let file = ("CASF_AUDIT_CHECKPOINT_FILE", "cp.jsonl");
+        for (every, secs) in [("15", 900), ("30s", 30), ("2m", 120), ("1h", 3600)] {
+            let s = settings(&[key, file, ("CASF_AUDIT_CHECKPOINT_EVERY", every)]).unwrap();
+            assert_eq!(
+                s.audit_checkpoints,
+                Some(CheckpointSchedule {
+                    every: Duration::from_secs(secs),
+                    file: "cp.jsonl".into()
+                })
+            );
+        }
+        for (vars, blamed) in [
+            (
+                vec![key, ("CASF_AUDIT_CHECKPOINT_EVERY", "5")],
+                "CASF_AUDIT_CHECKPOINT_EVERY",
+            ),
+            (vec![key, file], "CASF_AUDIT_CHECKPOINT_FILE"),
+            (
+                vec![file, ("CASF_AUDIT_CHECKPOINT_EVERY", "5")],
+                "CASF_AUDIT_CHECKPOINT_EVERY",
+            ),
+            (
+                vec![key, file, ("CASF_AUDIT_CHECKPOINT_EVERY", "0s")],
+                "CASF_AUDIT_CHECKPOINT_EVERY",
+            ),
+            (
+                vec![key, file, ("CASF_AUDIT_CHECKPOINT_EVERY", "5d")],
+                "CASF_AUDIT_CHECKPOINT_EVERY",
+            ),
+        ] {
+            assert_eq!(settings(&vars).unwrap_err().var, blamed, "{vars:?}");
+        }
+        assert_eq!(settings(&[]).unwrap().audit_checkpoints, None);
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum StartupError {
     Routes(#[from] RouteMapError),
     #[error("CASF_MODE_FLOOR_FILE: {0}")]
     ModeFloor(#[from] crate::mode_floor::FloorFileError),
+    #[error("audit checkpoints: {0}")]
+    Checkpoints(String),
     #[error("{var} is set, but this build has no {backend} backend yet")]
     Unsupported {
         var: &'static str,
@@ -110,6 +112,46 @@ pub async fn open_chain_reader(backend: &AuditBackend) -> Result<Box<dyn ChainSo
         AuditBackend::Sqlite { path } => Ok(Box::new(SqliteChainReader::open(path).await?)),
         AuditBackend::Postgres { dsn } => Ok(Box::new(PostgresChainReader::open(dsn).await?)),
     }
+}
+
+/// `serve`'s periodic checkpoints, when configured: the signing key is read
+/// and the chain opened for reading now, so a bad key refuses to start.
+async fn checkpoint_schedule(
+    settings: &Settings,
+) -> Result<Option<crate::audit::checkpoint::Schedule>, StartupError> {
+    let (Some(schedule), Some(key_path)) =
+        (&settings.audit_checkpoints, &settings.audit_signing_key)
+    else {
+        return Ok(None);
+    };
+    if settings.audit_disabled {
+        tracing::warn!(
+            "CASF_AUDIT_CHECKPOINT_EVERY is ignored: CASF_DISABLE_AUDIT=1 writes no trail"
+        );
+        return Ok(None);
+    }
+    let key = crate::audit::signing::AuditSigningKey::load(key_path)
+        .map_err(|e| StartupError::Checkpoints(format!("CASF_AUDIT_SIGNING_KEY: {e}")))?;
+    let source = open_chain_reader(&settings.audit)
+        .await
+        .map_err(|e| StartupError::Checkpoints(e.to_string()))?;
+    let backend = match settings.audit {
+        AuditBackend::Sqlite { .. } => "sqlite",
+        AuditBackend::Postgres { .. } => "postgres",
+    };
+    tracing::info!(
+        every_seconds = schedule.every.as_secs(),
+        file = %schedule.file.display(),
+        key_id = key.key_id(),
+        "signed audit checkpoints on"
+    );
+    Ok(Some(crate::audit::checkpoint::Schedule {
+        every: schedule.every,
+        file: schedule.file.clone(),
+        key: Arc::new(key),
+        source,
+        backend,
+    }))
 }
 
 /// Creates or completes the audit store's schema (`casf-verifier migrate`).
@@ -215,6 +257,8 @@ pub struct Application {
     /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
     mode_floor: (Arc<ModeFloor>, Mode, Option<PathBuf>),
     connections: crate::connections::ConnectionLimits,
+    /// `CASF_AUDIT_CHECKPOINT_EVERY`: signed checkpoints of the chain head.
+    checkpoints: Option<crate::audit::checkpoint::Schedule>,
 }
 
 impl Application {
@@ -256,6 +300,7 @@ impl Application {
                 ),
             }
         }
+        let checkpoints = checkpoint_schedule(settings).await?;
         let mut metrics = Metrics::new();
         let spool = open_spool(settings, audit_log.as_deref(), &metrics)?;
         let spool_depth = spool.as_ref().map(|s| s.metrics.depth.clone());
@@ -324,6 +369,7 @@ impl Application {
             audit_task,
             mode_floor: (floor, settings.mode_floor, settings.mode_floor_file.clone()),
             connections: settings.connections,
+            checkpoints,
         })
     }
 
@@ -354,6 +400,7 @@ impl Application {
             audit_task,
             mode_floor: (floor, floor_base, floor_file),
             connections,
+            checkpoints,
             ..
         } = self;
         let (drain, draining) = watch::channel(false);
@@ -379,6 +426,9 @@ impl Application {
                 state.pipeline.metrics().clone(),
                 stopped(draining.clone()),
             ));
+        }
+        if let Some(schedule) = checkpoints {
+            tokio::spawn(schedule.run(stopped(draining.clone())));
         }
         let grpc = crate::grpc::serve(
             grpc_listener,

@@ -5,6 +5,8 @@
 //! and `hash(N-1)`, with `""` before the first event. Everything here works
 //! from stored columns alone.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
@@ -123,6 +125,12 @@ pub struct ChainVerifier {
     pub first_hash: Option<String>,
     pub last_hash: Option<String>,
     pub first_break: Option<ChainBreak>,
+    /// Id of the last event pushed.
+    last_id: Option<i64>,
+    /// Ids whose place the walk records (checkpoints' ids), and what it saw
+    /// there: the count of events up to them, and their hash.
+    watch: BTreeSet<i64>,
+    seen: BTreeMap<i64, (u64, String)>,
 }
 
 impl ChainVerifier {
@@ -135,7 +143,28 @@ impl ChainVerifier {
             first_hash: None,
             last_hash: None,
             first_break: None,
+            last_id: None,
+            watch: BTreeSet::new(),
+            seen: BTreeMap::new(),
         }
+    }
+
+    /// Records the count and hash at each of `ids` as the walk passes them.
+    pub fn watching(mut self, ids: BTreeSet<i64>) -> Self {
+        self.watch = ids;
+        self
+    }
+
+    /// The count of events up to `id` and its hash, if `id` was watched and seen.
+    pub fn seen_at(&self, id: i64) -> Option<(u64, &str)> {
+        self.seen
+            .get(&id)
+            .map(|(count, hash)| (*count, hash.as_str()))
+    }
+
+    /// The last event's id and the count so far, once any was pushed.
+    pub fn last_seen(&self) -> Option<(i64, u64)> {
+        self.last_id.map(|id| (id, self.count))
     }
 
     /// True until the first event's predecessor hash is known.
@@ -186,6 +215,11 @@ impl ChainVerifier {
                 });
             }
         }
+        if self.watch.contains(&checked.id) {
+            self.seen
+                .insert(checked.id, (self.count, checked.hash.clone()));
+        }
+        self.last_id = Some(checked.id);
         self.last_hash = Some(checked.hash.clone());
         self.expected_prev = Some(checked.hash);
     }

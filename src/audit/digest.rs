@@ -147,6 +147,13 @@ mod tests {
         async fn count(&self, filter: &EventFilter) -> Result<u64, ReadError> {
             Ok(self.matching(filter).count() as u64)
         }
+        async fn head(&self) -> Result<crate::audit::checkpoint::Head, ReadError> {
+            Ok(crate::audit::checkpoint::Head {
+                last_id: self.0.last().map_or(0, |e| e.id),
+                last_hash: self.0.last().map_or(String::new(), |e| e.hash.clone()),
+                count: self.0.len() as u64,
+            })
+        }
     }
 
     /// Events in commit (id) order whose stamps straddle midnight out of order.

@@ -8,12 +8,16 @@
 //! outage and drains it later. [`chain`] holds the hash rule and the verifier
 //! shared by `audit verify`, `audit digest` and every backend; [`scan`] is how
 //! those two commands read a chain: read-only, streamed, hashed on every core.
+//! [`checkpoint`] and [`signing`] anchor it: signed checkpoints of the head
+//! catch what a valid chain cannot show, a cut tail or a rebuilt database.
 
 pub mod chain;
+pub mod checkpoint;
 pub mod digest;
 pub mod pg_dsn;
 pub mod postgres;
 pub mod scan;
+pub mod signing;
 pub mod spool;
 pub mod sqlite;
 pub mod writer;

@@ -24,6 +24,7 @@ use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 
+use super::checkpoint::Head;
 use super::pg_dsn::PgDsn;
 use super::scan::{BATCH, ChainSource, RawRow, ReadError};
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
@@ -635,6 +636,21 @@ impl ChainSource for PostgresChainReader {
         }
         .map_err(|e| self.error(e))?;
         Ok(count.max(0) as u64)
+    }
+
+    async fn head(&self) -> Result<Head, ReadError> {
+        let row: Option<(i64, String, i64)> = sqlx::query_as(super::sqlite::HEAD_SQL)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(match row {
+            Some((last_id, last_hash, count)) => Head {
+                last_id,
+                last_hash,
+                count: count.max(0) as u64,
+            },
+            None => Head::EMPTY,
+        })
     }
 }
 

@@ -11,7 +11,7 @@
 //! Rows stream in batches from a [`ChainSource`] (a read-only store) through
 //! a bounded channel: memory stays flat whatever the length of the chain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::EventFilter;
 use super::chain::{ChainVerifier, Checked, stored_hash_holds};
+use super::checkpoint::Head;
 
 /// Rows per batch handed to a hashing thread.
 pub const BATCH: usize = 1024;
@@ -98,6 +99,10 @@ pub trait ChainSource: Send + Sync {
 
     /// How many rows match `filter`: only for the progress line's ETA.
     async fn count(&self, filter: &EventFilter) -> Result<u64, ReadError>;
+
+    /// The last row's id and hash and the count of rows up to it, read in
+    /// one statement; [`Head::EMPTY`] for an empty chain.
+    async fn head(&self) -> Result<Head, ReadError>;
 }
 
 /// Walks every row matching `filter` in id order. Without a window the chain
@@ -109,12 +114,23 @@ pub async fn walk(
     filter: &EventFilter,
     progress: bool,
 ) -> Result<ChainVerifier, ReadError> {
+    walk_watching(source, filter, progress, BTreeSet::new()).await
+}
+
+/// [`walk`] that also records the count and hash at each of `watch`
+/// ([`ChainVerifier::seen_at`]): the ids of checkpoints.
+pub async fn walk_watching(
+    source: &dyn ChainSource,
+    filter: &EventFilter,
+    progress: bool,
+    watch: BTreeSet<i64>,
+) -> Result<ChainVerifier, ReadError> {
     let mut progress = match progress {
         true => Some(Progress::new(source.count(filter).await?)),
         false => None,
     };
     let windowed = filter.ts_window.is_some();
-    let mut verifier = ChainVerifier::new((!windowed).then(String::new));
+    let mut verifier = ChainVerifier::new((!windowed).then(String::new)).watching(watch);
 
     let hashers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (rows_tx, mut rows_rx) = mpsc::channel::<Vec<RawRow>>(hashers);

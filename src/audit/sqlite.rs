@@ -26,6 +26,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::checkpoint::Head;
 use super::scan::{BATCH, ChainSource, RawRow, ReadError};
 use super::{AppendReceipt, AuditError, AuditLog, EventFilter, NewEvent, StoredEvent, chain};
 
@@ -463,7 +464,33 @@ impl ChainSource for SqliteChainReader {
         .await
         .map_err(|e| ReadError::Read(e.to_string()))?
     }
+
+    async fn head(&self) -> Result<Head, ReadError> {
+        let reader = self.clone_for_thread();
+        tokio::task::spawn_blocking(move || {
+            reader
+                .connect()?
+                .query_row(HEAD_SQL, [], |row| {
+                    Ok(Head {
+                        last_id: row.get(0)?,
+                        last_hash: row.get(1)?,
+                        count: row.get::<_, i64>(2)?.max(0) as u64,
+                    })
+                })
+                .optional()
+                .map(|head| head.unwrap_or(Head::EMPTY))
+                .map_err(|e| reader.error(e))
+        })
+        .await
+        .map_err(|e| ReadError::Read(e.to_string()))?
+    }
 }
+
+/// The head and the count up to it in one statement: one snapshot, whatever
+/// a live writer appends meanwhile. (The same text serves PostgreSQL.)
+pub(crate) const HEAD_SQL: &str = "SELECT id, hash, \
+     (SELECT COUNT(*) FROM audit_events WHERE id <= head.id) \
+     FROM audit_events AS head ORDER BY id DESC LIMIT 1";
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 //! OPA-compatible server.
 
 mod audit;
+mod audit_proof;
 mod audit_spool;
 mod connections;
 mod contract;
