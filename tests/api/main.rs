@@ -6,6 +6,7 @@
 
 mod audit;
 mod audit_spool;
+mod callers;
 mod connections;
 mod contract;
 mod disconnect;
