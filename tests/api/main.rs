@@ -24,6 +24,7 @@ mod production;
 mod properties_pg;
 mod redis_state;
 mod replay_reload;
+mod secret_hygiene;
 mod servers;
 mod tls;
 mod verify;
