@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::callers::Caller;
+use crate::callers::{Caller, Unauthenticated};
 use crate::domain::{Mode, VerifyRequest};
 use crate::ext_authz::respond::MODE_APPLIED_HEADER;
 use crate::health::{Health, Readiness};
@@ -87,13 +87,14 @@ fn is_json(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The caller of a request under `CASF_CALLERS`, or the 401 that answers it
-/// (counted, never a decision). `Ok(None)` when callers are not configured.
+/// The caller of a request under `CASF_CALLERS`, or why it has none
+/// (counted; answered with [`unauthorized`], never a decision). `Ok(None)`
+/// when callers are not configured.
 fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     peer: Option<&PeerIdentity>,
-) -> Result<Option<Arc<Caller>>, Response> {
+) -> Result<Option<Arc<Caller>>, Unauthenticated> {
     let Some(callers) = state.pipeline.callers() else {
         return Ok(None);
     };
@@ -108,15 +109,19 @@ fn authenticate(
                 reason = reason.as_str(),
                 "call refused: caller not authenticated"
             );
-            let mut answer =
-                json_response(StatusCode::UNAUTHORIZED, json!({"detail": reason.detail()}));
-            answer.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"casf-verifier\""),
-            );
-            Err(answer)
+            Err(reason)
         }
     }
+}
+
+/// 401 with a JSON `detail` and `WWW-Authenticate: Bearer`.
+fn unauthorized(reason: Unauthenticated) -> Response {
+    let mut answer = json_response(StatusCode::UNAUTHORIZED, json!({"detail": reason.detail()}));
+    answer.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"casf-verifier\""),
+    );
+    answer
 }
 
 async fn verify(
@@ -129,7 +134,7 @@ async fn verify(
     // learns nothing about its body.
     let caller = match authenticate(&state, &headers, peer.as_deref()) {
         Ok(caller) => caller,
-        Err(answer) => return answer,
+        Err(reason) => return unauthorized(reason),
     };
     if !is_json(&headers) {
         return json_response(
@@ -189,7 +194,7 @@ async fn admin_mode_get(
     headers: HeaderMap,
 ) -> Response {
     if let Err(answer) = operator(&state, &headers, peer.as_deref()) {
-        return answer;
+        return *answer;
     }
     json_response(
         StatusCode::OK,
@@ -208,7 +213,7 @@ async fn admin_mode_put(
 ) -> Response {
     let caller = match operator(&state, &headers, peer.as_deref()) {
         Ok(caller) => caller,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     if !is_json(&headers) {
         return json_response(
@@ -249,18 +254,19 @@ fn operator(
     state: &AppState,
     headers: &HeaderMap,
     peer: Option<&PeerIdentity>,
-) -> Result<Arc<Caller>, Response> {
-    match authenticate(state, headers, peer)? {
-        Some(caller) if caller.operator => Ok(caller),
-        Some(caller) => {
+) -> Result<Arc<Caller>, Box<Response>> {
+    match authenticate(state, headers, peer) {
+        Ok(Some(caller)) if caller.operator => Ok(caller),
+        Ok(Some(caller)) => {
             tracing::warn!(caller = %caller.name, "refused /admin/mode: not an operator");
-            Err(json_response(
+            Err(Box::new(json_response(
                 StatusCode::FORBIDDEN,
                 json!({"detail": format!("caller {} is not an operator", caller.name)}),
-            ))
+            )))
         }
+        Err(reason) => Err(Box::new(unauthorized(reason))),
         // Not reached: the route exists only with callers.
-        None => Err(not_found_path("/admin/mode")),
+        Ok(None) => Err(Box::new(not_found_path("/admin/mode"))),
     }
 }
 

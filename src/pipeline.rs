@@ -1199,4 +1199,86 @@ mod tests {
             assert!(metrics.encode().contains(&floor_series), "{name}");
         }
     }
+
+    /// The caller's grants as an invariant: outside them is a DENY with the
+    /// grant codes, a stored ALLOW is not replayed to a caller whose grants
+    /// no longer cover it, and a request that reaches the pipeline without a
+    /// caller while callers are configured is denied.
+    #[tokio::test]
+    async fn the_callers_grants_bound_every_decision() {
+        use crate::callers::{CallerSet, Callers};
+        use sha2::Digest;
+        let key = hex::encode(sha2::Sha256::digest(b"k"));
+        let set = CallerSet::parse(&format!(
+            "callers: [{{name: desk, api_key_sha256: {key}, roles: [receptionist], tenants: [t-1]}}]"
+        ))
+        .unwrap();
+        let desk = set.authenticate_http(Some("Bearer k"), None).unwrap();
+        let callers = Arc::new(Callers::fixed(set));
+        // `request()` claims a nurse: outside the desk's grants.
+        let cases = [
+            (
+                Claiming::Claims(Works),
+                Some(desk.clone()),
+                vec!["Caller_RoleNotGranted"],
+                ClaimEnd::Stored,
+            ),
+            (
+                Claiming::Cached,
+                Some(desk.clone()),
+                vec!["Caller_RoleNotGranted"],
+                ClaimEnd::Untouched,
+            ),
+            (
+                Claiming::Claims(Works),
+                None,
+                vec!["Caller_Unauthenticated"],
+                ClaimEnd::Stored,
+            ),
+        ];
+        for (claim, caller, expected, end) in cases {
+            let state = Arc::new(FakeState {
+                claim,
+                store: Works,
+                limiter: Works,
+                sms_count: 1,
+                ends: Mutex::new(Vec::new()),
+            });
+            let log = Arc::new(FakeAudit {
+                port: Works,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let pipeline = Arc::new(
+                Pipeline::new(
+                    Arc::new(FakePolicy(Works, false)),
+                    Some(state.clone()),
+                    state.clone(),
+                    Some(writer),
+                    Arc::new(Metrics::new()),
+                    SmsLimit::default(),
+                )
+                .with_callers(callers.clone()),
+            );
+            let mut request = request(Tool::SummaryHistory);
+            if let Some(caller) = &caller {
+                request = request.with_caller(caller.clone());
+            }
+            let verdict = pipeline.decide(request, Door::Http).await;
+            assert_eq!(verdict.response.violations, expected, "{claim:?}");
+            assert_eq!(
+                *state.ends.lock().unwrap(),
+                match end {
+                    ClaimEnd::Untouched => vec![],
+                    end => vec![end],
+                }
+            );
+            let events = log.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1);
+            assert_eq!(
+                events[0].payload.get("caller").and_then(Value::as_str),
+                caller.as_ref().map(|c| c.name.as_str())
+            );
+        }
+    }
 }
