@@ -310,10 +310,11 @@ async fn startup_refuses_a_callers_file_naming_the_field() {
             "callers[1].name: duplicate name",
         ),
     ];
-    for (text, expected) in cases {
+    for ((text, expected), subcommand) in cases.into_iter().zip(["serve", "check", "serve"]) {
         let path = dir.path().join("callers.yaml");
         std::fs::write(&path, &text).unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_casf-verifier"))
+            .arg(subcommand)
             .env_clear()
             .env("CASF_CALLERS", &path)
             .env("CASF_HTTP_ADDR", "127.0.0.1:0")
