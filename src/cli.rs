@@ -285,6 +285,18 @@ fn check(config: &ConfigArgs) -> ExitCode {
             Err(error) => return failed(error),
         }
     }
+    match &settings.callers {
+        None => say("callers: NOT authenticated (CASF_CALLERS unset)".to_owned()),
+        Some(path) => match crate::callers::CallerSet::load(path) {
+            Ok(set) => say(format!(
+                "callers: ok: {} ({} callers, {} operators)",
+                crate::config::shown_path(path),
+                set.len(),
+                set.operators()
+            )),
+            Err(error) => return failed(format!("CASF_CALLERS: {error}")),
+        },
+    }
     ExitCode::SUCCESS
 }
 

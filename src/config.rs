@@ -208,6 +208,12 @@ pub const VARIABLES: &[Variable] = &[
         "a file naming a mode, re-read every 200 ms: the floor is the stricter of it and CASF_MODE_FLOOR, changed without a restart",
     ),
     var(
+        "CASF_CALLERS",
+        "callers",
+        "unset: callers not authenticated",
+        "YAML file of callers (API key SHA-256, mTLS peer or JWT subject) and the roles, tenants and tools each may claim; re-read on change; enables /admin/mode",
+    ),
+    var(
         "CASF_AUDIT_SPOOL",
         "audit-spool",
         "unset: no spool",
@@ -461,6 +467,8 @@ pub struct Settings {
     /// `CASF_MODE_FLOOR_FILE`: followed at run time, never lowering the floor
     /// below `mode_floor`.
     pub mode_floor_file: Option<PathBuf>,
+    /// `CASF_CALLERS`: who may call, and what each may claim.
+    pub callers: Option<PathBuf>,
     /// `CASF_AUDIT_SPOOL`: where PostgreSQL audit events wait out an outage.
     pub audit_spool: Option<PathBuf>,
     /// `CASF_AUDIT_SPOOL_MAX_BYTES`.
@@ -650,6 +658,7 @@ impl Settings {
                     .map_err(|e| invalid("CASF_MODE_FLOOR", e.to_string()))?,
             },
             mode_floor_file: get("CASF_MODE_FLOOR_FILE")?.map(PathBuf::from),
+            callers: get("CASF_CALLERS")?.map(PathBuf::from),
             audit_spool: get("CASF_AUDIT_SPOOL")?.map(PathBuf::from),
             audit_spool_max_bytes: parse_positive(
                 "CASF_AUDIT_SPOOL_MAX_BYTES",

@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::audit::AuditLog;
+use crate::callers::Callers;
 use crate::config::Redactor;
 use crate::policy::PolicyEngine;
 use crate::state::ReplayGuard;
@@ -34,6 +35,9 @@ pub struct Readiness {
     /// never a reason to be unready: a deep spool is PostgreSQL's outage,
     /// which the audit check already reports.
     pub spool_depth: Option<Gauge>,
+    /// `CASF_CALLERS`; `None` when callers are not authenticated, which the
+    /// checks say (a warning, not a failure: that is the guide's behaviour).
+    pub callers: Option<Arc<Callers>>,
 }
 
 /// Result of one readiness pass.
@@ -88,6 +92,14 @@ impl Readiness {
             return Health::NotReady(detail);
         }
         checks.insert(self.policy.backend().into(), "ok".into());
+        let callers = match &self.callers {
+            Some(callers) => json!({"authenticated": true, "count": callers.current().len()}),
+            None => json!({
+                "authenticated": false,
+                "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool",
+            }),
+        };
+        checks.insert("callers".into(), callers);
         Health::Ready(checks)
     }
 

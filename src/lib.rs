@@ -5,6 +5,7 @@
 //! with an embedded default and a production implementation.
 
 pub mod audit;
+pub mod callers;
 pub mod canonical;
 pub mod cli;
 pub mod config;

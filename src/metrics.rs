@@ -153,6 +153,11 @@ struct ModeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     /// `git rev-parse --short HEAD` at build time, `CASF_BUILD_COMMIT` when
@@ -357,6 +362,9 @@ pub struct Metrics {
     build_info: Family<BuildLabels, Gauge>,
     mode_floor: Family<ModeLabels, Gauge>,
     spool: SpoolMetrics,
+    caller_rejections: Family<RejectionLabels, Counter>,
+    callers_unauthenticated: Gauge,
+    callers_reloads: Family<ResultLabels, Counter>,
 }
 
 /// The audit spool's metrics, shared with the audit writer's thread.
@@ -396,6 +404,9 @@ impl Metrics {
             build_info: Family::default(),
             mode_floor: Family::default(),
             spool: SpoolMetrics::default(),
+            caller_rejections: Family::default(),
+            callers_unauthenticated: Gauge::default(),
+            callers_reloads: Family::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -544,6 +555,37 @@ impl Metrics {
             m.mode_floor.clone(),
         );
         m.mode_floor(crate::domain::Mode::Allow);
+        registry.register(
+            "casf_caller_rejected",
+            "Calls refused as unauthenticated under CASF_CALLERS (no decision, no audit row), by door and reason",
+            m.caller_rejections.clone(),
+        );
+        for door in Door::ALL {
+            for reason in crate::callers::Unauthenticated::ALL {
+                m.caller_rejections
+                    .get_or_create(&RejectionLabels {
+                        door: door.as_str(),
+                        reason: reason.as_str(),
+                    })
+                    .inc_by(0);
+            }
+        }
+        registry.register(
+            "casf_callers_unauthenticated",
+            "1 when CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool",
+            m.callers_unauthenticated.clone(),
+        );
+        m.callers_unauthenticated.set(1);
+        registry.register(
+            "casf_callers_reload",
+            "Changes of the CASF_CALLERS file, applied (ok) or refused (the callers in force stay)",
+            m.callers_reloads.clone(),
+        );
+        for result in ["ok", "refused"] {
+            m.callers_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc_by(0);
+        }
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
@@ -644,6 +686,29 @@ impl Metrics {
                 door: door.as_str(),
                 reason: reason.as_str(),
             })
+            .inc();
+    }
+
+    /// A call refused as unauthenticated under `CASF_CALLERS`.
+    pub fn caller_rejected(&self, door: Door, reason: crate::callers::Unauthenticated) {
+        self.caller_rejections
+            .get_or_create(&RejectionLabels {
+                door: door.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Whether callers are authenticated (`CASF_CALLERS` set).
+    pub fn callers_authenticated(&self, authenticated: bool) {
+        self.callers_unauthenticated.set(i64::from(!authenticated));
+    }
+
+    /// One change of the callers file, applied or refused.
+    pub fn callers_reloaded(&self, applied: bool) {
+        let result = if applied { "ok" } else { "refused" };
+        self.callers_reloads
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -4,16 +4,19 @@
 //! route map's mode header on the Envoy door), so without a floor a
 //! compromised agent could always claim `ALLOW`. The floor is the operator's:
 //! each decision runs under the stricter of the two, in the order
-//! ALLOW < STEP_UP < READ_ONLY < KILL_SWITCH. It starts at `CASF_MODE_FLOOR`
-//! and, with `CASF_MODE_FLOOR_FILE`, follows that file at run time, so an
-//! operator (or GitOps) can pull the kill switch without a restart.
+//! ALLOW < STEP_UP < READ_ONLY < KILL_SWITCH. The floor itself is the
+//! stricter of three sources: `CASF_MODE_FLOOR` (fixed), the mode named in
+//! `CASF_MODE_FLOOR_FILE` (followed at run time, for GitOps) and the one an
+//! operator caller sets with `PUT /admin/mode` (with `CASF_CALLERS`), so an
+//! operator can pull the kill switch without a restart, and no source can
+//! lower what another raised. The admin source is held in memory only.
 //!
 //! The floor is read once, atomically, when a decision starts: a decision
 //! that starts after a change sees it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::Mode;
@@ -48,16 +51,49 @@ fn from_rank(rank: u8) -> Mode {
     }
 }
 
+/// Where a floor comes from. The floor in force is the stricter of all
+/// three, so none of them can lower what another raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorSource {
+    /// `CASF_MODE_FLOOR`, fixed for the life of the process.
+    Env,
+    /// `CASF_MODE_FLOOR_FILE`, as last read.
+    File,
+    /// `PUT /admin/mode` by an operator caller; forgotten on restart.
+    Admin,
+}
+
+/// Each source's mode, and the floor in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloorState {
+    pub effective: Mode,
+    pub env: Mode,
+    /// `None` without `CASF_MODE_FLOOR_FILE`.
+    pub file: Option<Mode>,
+    pub admin: Mode,
+}
+
 /// The current floor, shared by the pipeline and whatever changes it.
 #[derive(Debug)]
 pub struct ModeFloor {
+    /// The floor in force: the one atomic a decision reads.
     rank: AtomicU8,
+    /// The sources; changed under this lock so that the floor in force and
+    /// `casf_mode_floor` always agree with them.
+    sources: Mutex<FloorState>,
 }
 
 impl ModeFloor {
+    /// A floor of `mode` from `CASF_MODE_FLOOR`.
     pub fn new(mode: Mode) -> Self {
         ModeFloor {
             rank: AtomicU8::new(rank(mode)),
+            sources: Mutex::new(FloorState {
+                effective: mode,
+                env: mode,
+                file: None,
+                admin: Mode::Allow,
+            }),
         }
     }
 
@@ -65,9 +101,33 @@ impl ModeFloor {
         from_rank(self.rank.load(Ordering::SeqCst))
     }
 
-    /// Sets the floor; returns the one it replaced.
-    pub fn set(&self, mode: Mode) -> Mode {
-        from_rank(self.rank.swap(rank(mode), Ordering::SeqCst))
+    fn lock(&self) -> std::sync::MutexGuard<'_, FloorState> {
+        // The state is a few plain values, whole after any panic.
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Each source's mode and the floor in force.
+    pub fn state(&self) -> FloorState {
+        *self.lock()
+    }
+
+    /// Sets one source's mode and returns the state after it; the floor in
+    /// force becomes the stricter of the sources, shown in `metrics`.
+    pub fn set(&self, source: FloorSource, mode: Mode, metrics: &Metrics) -> FloorState {
+        let mut state = self.lock();
+        match source {
+            FloorSource::Env => state.env = mode,
+            FloorSource::File => state.file = Some(mode),
+            FloorSource::Admin => state.admin = mode,
+        }
+        let effective = stricter(
+            stricter(state.env, state.admin),
+            state.file.unwrap_or(Mode::Allow),
+        );
+        state.effective = effective;
+        self.rank.store(rank(effective), Ordering::SeqCst);
+        metrics.mode_floor(effective);
+        *state
     }
 }
 
@@ -101,13 +161,12 @@ pub fn read_floor_file(path: &Path) -> Result<Mode, FloorFileError> {
 }
 
 /// Follows `path` until `stop` resolves: each change of the mode it names
-/// makes the floor the stricter of that mode and `base`, logged and shown in
-/// `casf_mode_floor`. A file that cannot be read or parsed keeps the floor
-/// where it was, with an error logged once per distinct problem, so a
+/// becomes the file's source of the floor (see [`FloorSource`]), logged and
+/// shown in `casf_mode_floor`. A file that cannot be read or parsed keeps the
+/// floor where it was, with an error logged once per distinct problem, so a
 /// botched edit never lowers it.
 pub async fn follow_file(
     floor: Arc<ModeFloor>,
-    base: Mode,
     path: PathBuf,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()>,
@@ -124,11 +183,13 @@ pub async fn follow_file(
         match read_floor_file(&path) {
             Ok(named) => {
                 last_problem = None;
-                let mode = stricter(base, named);
-                let previous = floor.set(mode);
-                if previous != mode {
-                    metrics.mode_floor(mode);
-                    tracing::warn!(from = %previous, to = %mode, file = %path.display(), "mode floor changed");
+                let before = floor.state();
+                if before.file == Some(named) {
+                    continue;
+                }
+                let after = floor.set(FloorSource::File, named, &metrics);
+                if after.effective != before.effective {
+                    tracing::warn!(from = %before.effective, to = %after.effective, file = %path.display(), "mode floor changed");
                 }
             }
             Err(error) => {
@@ -169,10 +230,40 @@ mod tests {
     }
 
     #[test]
-    fn set_returns_the_floor_it_replaced() {
-        let floor = ModeFloor::default();
-        assert_eq!(floor.set(Mode::ReadOnly), Mode::Allow);
+    fn the_floor_is_the_stricter_of_its_sources() {
+        let metrics = Metrics::new();
+        let floor = ModeFloor::new(Mode::StepUp);
+        assert_eq!(floor.get(), Mode::StepUp);
+        let state = floor.set(FloorSource::Admin, Mode::KillSwitch, &metrics);
+        assert_eq!(state.effective, Mode::KillSwitch);
+        assert_eq!(floor.get(), Mode::KillSwitch);
+        assert!(
+            metrics
+                .encode()
+                .contains("casf_mode_floor{mode=\"KILL_SWITCH\"} 1")
+        );
+        // The file cannot lower what the operator raised...
+        floor.set(FloorSource::File, Mode::Allow, &metrics);
+        assert_eq!(floor.get(), Mode::KillSwitch);
+        // ... and the operator's ALLOW goes back to the other sources, never
+        // below CASF_MODE_FLOOR.
+        let state = floor.set(FloorSource::Admin, Mode::Allow, &metrics);
+        assert_eq!(
+            state,
+            FloorState {
+                effective: Mode::StepUp,
+                env: Mode::StepUp,
+                file: Some(Mode::Allow),
+                admin: Mode::Allow
+            }
+        );
+        floor.set(FloorSource::File, Mode::ReadOnly, &metrics);
         assert_eq!(floor.get(), Mode::ReadOnly);
+        assert!(
+            metrics
+                .encode()
+                .contains("casf_mode_floor{mode=\"READ_ONLY\"} 1")
+        );
     }
 
     #[tokio::test]
@@ -185,7 +276,6 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let follower = tokio::spawn(follow_file(
             floor.clone(),
-            Mode::Allow,
             path.clone(),
             metrics.clone(),
             async move {

@@ -8,7 +8,8 @@
 //! retry would decide again. A panic inside it becomes an audited fail-closed
 //! deny, on every door.
 //!
-//! Order: anti-replay gate, hard invariants, policy, SMS rate limit, audit
+//! Order: anti-replay gate, hard invariants (the caller's grants first),
+//! policy, SMS rate limit, audit
 //! append, then the decision is stored for replays. Violations are the union
 //! of the stages', deduplicated, in stage order. Writes fail closed when a
 //! dependency fails; reads go on without it.
@@ -26,6 +27,7 @@ use tracing::Instrument;
 
 use crate::audit::writer::AuditWriter;
 use crate::audit::{AppendReceipt, AuditError, NewEvent};
+use crate::callers::{self, Callers};
 use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Door, Metrics, Trigger};
@@ -77,6 +79,9 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     sms_limit: SmsLimit,
     floor: Arc<ModeFloor>,
+    /// `CASF_CALLERS`: every request must come with a caller, whose grants
+    /// bound what it may claim.
+    callers: Option<Arc<Callers>>,
     /// State store failures repeat per request while it is down: one line a second.
     state_log: LogLimiter,
 }
@@ -182,6 +187,7 @@ impl Pipeline {
             metrics,
             sms_limit,
             floor: Arc::new(ModeFloor::default()),
+            callers: None,
             state_log: LogLimiter::default(),
         }
     }
@@ -191,6 +197,26 @@ impl Pipeline {
         self.metrics.mode_floor(floor.get());
         self.floor = floor;
         self
+    }
+
+    /// Requires a caller on every request, and holds each to its grants
+    /// (see [`crate::callers`]). Doors resolve credentials with these callers.
+    pub fn with_callers(self, callers: Arc<Callers>) -> Self {
+        self.metrics.callers_authenticated(true);
+        Pipeline {
+            callers: Some(callers),
+            ..self
+        }
+    }
+
+    /// The callers, when `CASF_CALLERS` is set.
+    pub fn callers(&self) -> Option<&Arc<Callers>> {
+        self.callers.as_ref()
+    }
+
+    /// The operator's floor, for `/admin/mode`.
+    pub fn mode_floor(&self) -> &Arc<ModeFloor> {
+        &self.floor
     }
 
     /// Counts a state store failure, and tells whether a line may be logged
@@ -298,7 +324,9 @@ impl Pipeline {
     async fn run(&self, request: &VerifyRequest, progress: &mut Progress) -> Verdict {
         // One policy input serves the fingerprint (guide §7) and the policy.
         let input = request.policy_input();
-        let fingerprint = request.fingerprint_of(&input);
+        // Bound to the caller: nobody gets another caller's stored decision.
+        let fingerprint =
+            callers::bind_fingerprint(request.fingerprint_of(&input), request.caller_name());
         progress.fingerprint.clone_from(&fingerprint);
         let mut findings = Findings::default();
         // The operator's floor, read once as the decision starts. The
@@ -306,6 +334,13 @@ impl Pipeline {
         // moves is the same request, not a mismatch.
         let mode = stricter(request.mode, self.floor.get());
         let floor_applied = (mode != request.mode).then_some(mode);
+        // What the caller claimed beyond its grants (pure, so computed once
+        // for the replay answer and the invariants alike).
+        let not_granted = match (&request.caller, &self.callers) {
+            (Some(caller), _) => caller.grant_violations(request),
+            (None, Some(_)) => vec![callers::violation::UNAUTHENTICATED],
+            (None, None) => Vec::new(),
+        };
 
         // 1. Anti-replay gate.
         if let Some(guard) = &self.replay {
@@ -318,14 +353,23 @@ impl Pipeline {
                 Ok(Claim::Cached(response)) => {
                     self.metrics.replay_hit();
                     // A stored ALLOW is not replayed past a floor that now
-                    // forbids the call: no ALLOW after the kill switch.
-                    let (response, floor_applied) =
-                        match floor_applied.and_then(|mode| floor_denial(mode, request.tool)) {
-                            Some(code) if response.decision == Decision::Allow => {
-                                (VerifyResponse::deny(code), floor_applied)
-                            }
-                            _ => (response, None),
-                        };
+                    // forbids the call (no ALLOW after the kill switch), nor
+                    // to a caller whose grants no longer cover it.
+                    let floor_code =
+                        floor_applied.and_then(|mode| floor_denial(mode, request.tool));
+                    let (response, floor_applied) = match floor_code {
+                        Some(code) if response.decision == Decision::Allow => {
+                            (VerifyResponse::deny(code), floor_applied)
+                        }
+                        _ if response.decision == Decision::Allow && !not_granted.is_empty() => (
+                            VerifyResponse::from_violations(
+                                not_granted.iter().map(|v| (*v).to_owned()).collect(),
+                                Vec::new(),
+                            ),
+                            None,
+                        ),
+                        _ => (response, None),
+                    };
                     return self
                         .audited_under(request, input, REPLAY_ACTION, response, floor_applied)
                         .await;
@@ -357,6 +401,8 @@ impl Pipeline {
         // 2. Hard invariants. A kill switch stops reads too, so that it
         // holds even when the policy engine is down and reads run rules-only.
         let mut allowed_outputs = Vec::new();
+        // The caller's grants come first: a claim it may not make.
+        not_granted.iter().for_each(|code| findings.push(code));
         match mode {
             Mode::KillSwitch => findings.push(violation::MODE_KILL_SWITCH),
             Mode::ReadOnly if request.tool.is_write() => {
@@ -507,19 +553,20 @@ impl Pipeline {
                 floor_applied,
             };
         };
+        let mut payload = json!({"request": request.completed(input), "response": response});
+        if let Some(mode) = floor_applied {
+            payload["mode_applied"] = json!(mode.as_str());
+        }
+        // Who made the claim, beside what was claimed (`role` stays the actor).
+        if let Some(name) = request.caller_name() {
+            payload["caller"] = json!(name);
+        }
         let event = NewEvent::now(
             request.request_id.as_str(),
             format!("role:{}", request.role),
             action,
             response.decision.as_str(),
-            match floor_applied {
-                None => json!({"request": request.completed(input), "response": response}),
-                Some(mode) => json!({
-                    "request": request.completed(input),
-                    "response": response,
-                    "mode_applied": mode.as_str(),
-                }),
-            },
+            payload,
         );
         let appended = writer
             .append(event)
@@ -1150,6 +1197,88 @@ mod tests {
             assert_eq!(events[0].payload["request"]["mode"], "ALLOW", "{name}");
             let floor_series = format!("casf_mode_floor{{mode=\"{}\"}} 1", case.floor.as_str());
             assert!(metrics.encode().contains(&floor_series), "{name}");
+        }
+    }
+
+    /// The caller's grants as an invariant: outside them is a DENY with the
+    /// grant codes, a stored ALLOW is not replayed to a caller whose grants
+    /// no longer cover it, and a request that reaches the pipeline without a
+    /// caller while callers are configured is denied.
+    #[tokio::test]
+    async fn the_callers_grants_bound_every_decision() {
+        use crate::callers::{CallerSet, Callers};
+        use sha2::Digest;
+        let key = hex::encode(sha2::Sha256::digest(b"k"));
+        let set = CallerSet::parse(&format!(
+            "callers: [{{name: desk, api_key_sha256: {key}, roles: [receptionist], tenants: [t-1]}}]"
+        ))
+        .unwrap();
+        let desk = set.authenticate_http(Some("Bearer k"), None).unwrap();
+        let callers = Arc::new(Callers::fixed(set));
+        // `request()` claims a nurse: outside the desk's grants.
+        let cases = [
+            (
+                Claiming::Claims(Works),
+                Some(desk.clone()),
+                vec!["Caller_RoleNotGranted"],
+                ClaimEnd::Stored,
+            ),
+            (
+                Claiming::Cached,
+                Some(desk.clone()),
+                vec!["Caller_RoleNotGranted"],
+                ClaimEnd::Untouched,
+            ),
+            (
+                Claiming::Claims(Works),
+                None,
+                vec!["Caller_Unauthenticated"],
+                ClaimEnd::Stored,
+            ),
+        ];
+        for (claim, caller, expected, end) in cases {
+            let state = Arc::new(FakeState {
+                claim,
+                store: Works,
+                limiter: Works,
+                sms_count: 1,
+                ends: Mutex::new(Vec::new()),
+            });
+            let log = Arc::new(FakeAudit {
+                port: Works,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let pipeline = Arc::new(
+                Pipeline::new(
+                    Arc::new(FakePolicy(Works, false)),
+                    Some(state.clone()),
+                    state.clone(),
+                    Some(writer),
+                    Arc::new(Metrics::new()),
+                    SmsLimit::default(),
+                )
+                .with_callers(callers.clone()),
+            );
+            let mut request = request(Tool::SummaryHistory);
+            if let Some(caller) = &caller {
+                request = request.with_caller(caller.clone());
+            }
+            let verdict = pipeline.decide(request, Door::Http).await;
+            assert_eq!(verdict.response.violations, expected, "{claim:?}");
+            assert_eq!(
+                *state.ends.lock().unwrap(),
+                match end {
+                    ClaimEnd::Untouched => vec![],
+                    end => vec![end],
+                }
+            );
+            let events = log.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1);
+            assert_eq!(
+                events[0].payload.get("caller").and_then(Value::as_str),
+                caller.as_ref().map(|c| c.name.as_str())
+            );
         }
     }
 }

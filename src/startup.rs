@@ -24,6 +24,7 @@ use crate::audit::spool::Spool;
 use crate::audit::sqlite::{SqliteAuditLog, SqliteChainReader};
 use crate::audit::writer::{AuditWriter, SpoolSetup};
 use crate::audit::{AuditError, AuditLog};
+use crate::callers::Callers;
 use crate::config::{
     AuditBackend, ConfigError, PolicyBackend, Redactor, RoutesFile, Settings, StateBackend,
 };
@@ -32,7 +33,7 @@ use crate::ext_authz::routes::{RouteMap, RouteMapError};
 use crate::health::Readiness;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
-use crate::mode_floor::{ModeFloor, read_floor_file, stricter};
+use crate::mode_floor::{FloorSource, ModeFloor, read_floor_file};
 use crate::pipeline::{Pipeline, SmsLimit};
 use crate::policy::PolicyEngine;
 use crate::policy::embedded::{EmbeddedPolicy, PolicyLoadError};
@@ -60,6 +61,8 @@ pub enum StartupError {
     },
     #[error("routes: {0}")]
     Routes(#[from] RouteMapError),
+    #[error("CASF_CALLERS: {0}")]
+    Callers(#[from] crate::callers::CallersError),
     #[error("CASF_MODE_FLOOR_FILE: {0}")]
     ModeFloor(#[from] crate::mode_floor::FloorFileError),
     #[error("audit checkpoints: {0}")]
@@ -255,7 +258,9 @@ pub struct Application {
     routes_summary: String,
     audit_task: Option<JoinHandle<()>>,
     /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
-    mode_floor: (Arc<ModeFloor>, Mode, Option<PathBuf>),
+    mode_floor: (Arc<ModeFloor>, Option<PathBuf>),
+    /// `CASF_CALLERS`, followed at run time.
+    callers: Option<Arc<Callers>>,
     connections: crate::connections::ConnectionLimits,
     /// `CASF_AUDIT_CHECKPOINT_EVERY`: signed checkpoints of the chain head.
     checkpoints: Option<crate::audit::checkpoint::Schedule>,
@@ -320,11 +325,11 @@ impl Application {
         let metrics = Arc::new(metrics);
         // A floor file that cannot be read refuses to start: the operator
         // asked for a floor, and guessing one could be too low.
-        let initial_floor = match &settings.mode_floor_file {
-            None => settings.mode_floor,
-            Some(path) => stricter(settings.mode_floor, read_floor_file(path)?),
-        };
-        let floor = Arc::new(ModeFloor::new(initial_floor));
+        let floor = Arc::new(ModeFloor::new(settings.mode_floor));
+        if let Some(path) = &settings.mode_floor_file {
+            floor.set(FloorSource::File, read_floor_file(path)?, &metrics);
+        }
+        let initial_floor = floor.get();
         if initial_floor != Mode::Allow {
             tracing::warn!(floor = %initial_floor, "mode floor in force: no decision runs under a lower mode");
         }
@@ -337,12 +342,37 @@ impl Application {
             SmsLimit::default(),
         )
         .with_mode_floor(floor.clone());
+        // Callers that cannot be read refuse to start: the operator asked
+        // for authentication, and serving without it would fail open.
+        let callers = match &settings.callers {
+            Some(path) => {
+                let callers = Arc::new(Callers::load(path)?);
+                let set = callers.current();
+                tracing::info!(
+                    callers = set.len(),
+                    operators = set.operators(),
+                    "CASF_CALLERS: every call must come from a configured caller, within its grants"
+                );
+                Some(callers)
+            }
+            None => {
+                tracing::warn!(
+                    "CASF_CALLERS is unset: callers are NOT authenticated; anyone who reaches a door may claim any role, tenant or tool, and /admin/mode is not served"
+                );
+                None
+            }
+        };
+        let pipeline = match &callers {
+            Some(callers) => pipeline.with_callers(callers.clone()),
+            None => pipeline,
+        };
         let readiness = Readiness {
             audit: audit_log,
             state: replay,
             policy,
             redactor: Redactor::new(settings.secrets()),
             spool_depth,
+            callers: callers.clone(),
         };
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -367,7 +397,8 @@ impl Application {
             routes: Arc::new(routes),
             routes_summary,
             audit_task,
-            mode_floor: (floor, settings.mode_floor, settings.mode_floor_file.clone()),
+            mode_floor: (floor, settings.mode_floor_file.clone()),
+            callers,
             connections: settings.connections,
             checkpoints,
         })
@@ -398,7 +429,8 @@ impl Application {
             state,
             routes,
             audit_task,
-            mode_floor: (floor, floor_base, floor_file),
+            mode_floor: (floor, floor_file),
+            callers,
             connections,
             checkpoints,
             ..
@@ -421,7 +453,6 @@ impl Application {
         if let Some(path) = floor_file {
             tokio::spawn(crate::mode_floor::follow_file(
                 floor,
-                floor_base,
                 path,
                 state.pipeline.metrics().clone(),
                 stopped(draining.clone()),
@@ -429,6 +460,11 @@ impl Application {
         }
         if let Some(schedule) = checkpoints {
             tokio::spawn(schedule.run(stopped(draining.clone())));
+        }
+        if let Some(callers) = callers {
+            tokio::spawn(
+                callers.follow(state.pipeline.metrics().clone(), stopped(draining.clone())),
+            );
         }
         let grpc = crate::grpc::serve(
             grpc_listener,

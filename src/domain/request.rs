@@ -213,6 +213,9 @@ pub struct VerifyRequest {
     /// writes them as sent, so two amounts that differ beyond a double's
     /// precision are two payloads.
     numbers_as_sent: Vec<(Vec<Value>, String)>,
+    /// Who sent it, as the door authenticated them (`CASF_CALLERS`); not
+    /// part of the body. `None` when callers are not configured.
+    pub caller: Option<std::sync::Arc<crate::callers::Caller>>,
 }
 
 impl VerifyRequest {
@@ -283,7 +286,19 @@ impl VerifyRequest {
             args,
             context,
             numbers_as_sent: Vec::new(),
+            caller: None,
         })
+    }
+
+    /// The request as sent by `caller`.
+    pub fn with_caller(mut self, caller: std::sync::Arc<crate::callers::Caller>) -> Self {
+        self.caller = Some(caller);
+        self
+    }
+
+    /// The authenticated caller's name, if callers are configured.
+    pub fn caller_name(&self) -> Option<&str> {
+        self.caller.as_ref().map(|c| c.name.as_str())
     }
 
     pub fn patient_id(&self) -> Option<&str> {

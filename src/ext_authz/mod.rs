@@ -18,8 +18,10 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
+use crate::callers::Unauthenticated;
 use crate::domain::{Decision, VerifyResponse, violation};
 use crate::metrics::{Door, DoorRejection, Trigger};
+use crate::peer::PeerIdentity;
 use crate::pipeline::{Pipeline, Verdict};
 use routes::RouteMap;
 use translate::CheckError;
@@ -33,6 +35,11 @@ enum Outcome {
     Refused {
         request_id: String,
         error: CheckError,
+    },
+    /// `CASF_CALLERS` is set and the Check names no caller.
+    Unauthenticated {
+        request_id: String,
+        reason: Unauthenticated,
     },
 }
 
@@ -87,6 +94,17 @@ impl ExtAuthz {
                     &request_id,
                 )
             }
+            Outcome::Unauthenticated { request_id, reason } => {
+                self.pipeline
+                    .metrics()
+                    .caller_rejected(Door::ExtAuthz, reason);
+                tracing::info!(
+                    reason = reason.as_str(),
+                    request_id,
+                    "Check denied: caller not authenticated"
+                );
+                respond::unauthenticated(reason.detail(), &request_id)
+            }
             Outcome::Refused { request_id, error } => {
                 self.pipeline
                     .metrics()
@@ -126,8 +144,27 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        let peer = request.extensions().get::<PeerIdentity>().cloned();
         let check = request.into_inner();
         let request_id = Self::request_id(&check);
+        // Who is calling, before what the call means: the verified JWT's
+        // subject, else the peer's certificate (see `crate::callers`).
+        let caller = match self.pipeline.callers() {
+            None => None,
+            Some(callers) => {
+                let subject = translate::jwt_subject(&self.routes, &check);
+                match callers
+                    .current()
+                    .authenticate_envoy(subject.as_deref(), peer.as_ref())
+                {
+                    Ok(caller) => Some(caller),
+                    Err(reason) => {
+                        let outcome = Outcome::Unauthenticated { request_id, reason };
+                        return Ok(Response::new(self.answer(outcome)));
+                    }
+                }
+            }
+        };
         // Translation is synchronous, so a panic in it is caught right here
         // and answered as an explicit deny rather than a dropped stream. The
         // decision itself runs in the pipeline's own task, which turns its
@@ -140,7 +177,14 @@ impl Authorization for ExtAuthz {
                 request_id: request.request_id.as_str().to_owned(),
                 verdict: self
                     .pipeline
-                    .decide_traced(request, Door::ExtAuthz, translate::trace_parent(&check))
+                    .decide_traced(
+                        match caller {
+                            Some(caller) => request.with_caller(caller),
+                            None => request,
+                        },
+                        Door::ExtAuthz,
+                        translate::trace_parent(&check),
+                    )
                     .await,
             },
             Ok(Err(error)) => Outcome::Refused { request_id, error },

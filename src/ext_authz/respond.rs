@@ -33,6 +33,7 @@ mod code {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const PERMISSION_DENIED: i32 = 7;
     pub const UNAVAILABLE: i32 = 14;
+    pub const UNAUTHENTICATED: i32 = 16;
 }
 
 /// What the `dynamic_metadata` of every response says.
@@ -161,6 +162,30 @@ pub fn bad_request(error_body: &Value, detail: &str, request_id: &str) -> CheckR
         error_body.to_string(),
         &summary,
     )
+}
+
+/// A Check from no configured caller (`CASF_CALLERS`): 401 with a JSON
+/// `detail` and `WWW-Authenticate`, no decision.
+pub fn unauthenticated(detail: &str, request_id: &str) -> CheckResponse {
+    let summary = Summary {
+        decision: Decision::Deny.as_str(),
+        violations: &[],
+        request_id,
+        audit_hash: None,
+    };
+    let mut response = denied(
+        code::UNAUTHENTICATED,
+        detail,
+        401,
+        serde_json::json!({"detail": detail}).to_string(),
+        &summary,
+    );
+    if let Some(HttpResponse::DeniedResponse(denied)) = &mut response.http_response {
+        denied
+            .headers
+            .push(header("www-authenticate", "Bearer realm=\"casf-verifier\""));
+    }
+    response
 }
 
 /// A call that no route maps, or the verifier failing to decide: an

@@ -342,6 +342,28 @@ fn json_body(
     }
 }
 
+/// The `sub` claim of the verified JWT in `metadata_context`, if a JWT
+/// payload is there at all. A payload whose `sub` is missing or not a string
+/// gives `""`, which names no caller: it must not fall back to the peer.
+pub fn jwt_subject(routes: &RouteMap, check: &CheckRequest) -> Option<String> {
+    let payload = check
+        .attributes
+        .as_ref()?
+        .metadata_context
+        .as_ref()?
+        .filter_metadata
+        .get(&routes.identity.jwt.metadata_namespace)
+        .and_then(|ns| struct_field(ns, &routes.identity.jwt.payload_key))?;
+    match payload
+        .fields
+        .get(crate::callers::JWT_SUBJECT_CLAIM)
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::StringValue(sub)) => Some(sub.clone()),
+        _ => Some(String::new()),
+    }
+}
+
 fn struct_field<'a>(s: &'a Struct, key: &str) -> Option<&'a Struct> {
     match s.fields.get(key) {
         Some(PbValue {

@@ -65,7 +65,10 @@ pub async fn reload(
             let event = &stored.event;
             match replay_entry(&event.action, &event.payload) {
                 Some((request, response)) => {
-                    let fingerprint = request.fingerprint();
+                    // As the pipeline bound it to the caller who made it.
+                    let caller = event.payload.get("caller").and_then(|c| c.as_str());
+                    let fingerprint =
+                        crate::callers::bind_fingerprint(request.fingerprint(), caller);
                     if guard.claim(&request.request_id, &fingerprint).await? == Claim::Claimed {
                         guard
                             .complete(&request.request_id, &fingerprint, &response)

@@ -7,6 +7,7 @@
 mod audit;
 mod audit_proof;
 mod audit_spool;
+mod callers;
 mod connections;
 mod contract;
 mod disconnect;
@@ -24,6 +25,7 @@ mod production;
 mod properties_pg;
 mod redis_state;
 mod replay_reload;
+mod secret_hygiene;
 mod servers;
 mod tls;
 mod verify;

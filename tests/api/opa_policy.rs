@@ -39,7 +39,7 @@ async fn opa_decides_every_contract_row_like_the_embedded_engine() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["checks"],
-        json!({"sqlite": "ok", "memory": "ok", "opa": "ok"})
+        json!({"sqlite": "ok", "memory": "ok", "opa": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}})
     );
 
     for tool in WRITE_TOOLS.iter().chain(&READ_TOOLS) {

@@ -26,7 +26,7 @@ async fn healthz_lists_each_embedded_component() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"status": "ok", "checks": {"sqlite": "ok", "memory": "ok", "regorus": "ok"}})
+        json!({"status": "ok", "checks": {"sqlite": "ok", "memory": "ok", "regorus": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}}})
     );
     let app = spawn_app_with(&[("CASF_DISABLE_AUDIT", "1")]).await;
     let (_, body) = app.get("/healthz").await;
@@ -113,7 +113,7 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
     );
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
     let allowed = [
-        "decision", "trigger", "kind", "door", "reason", "le", "mode",
+        "decision", "trigger", "kind", "door", "reason", "le", "mode", "result",
     ];
     // casf_build_info's two labels have one value per binary.
     for sample in text

@@ -26,7 +26,7 @@ async fn every_contract_row_through_postgres_redis_and_opa() {
     checks.as_object_mut().unwrap().remove("redis_persistence");
     assert_eq!(
         checks,
-        json!({"postgres": "ok", "redis": "ok", "opa": "ok"})
+        json!({"postgres": "ok", "redis": "ok", "opa": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}})
     );
 
     let decided = crate::contract::assert_decision_table(&app).await
