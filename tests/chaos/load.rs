@@ -216,7 +216,7 @@ pub async fn run(
             Kind::Read => body(&run, seq, READS[seq % 2], "ALLOW", &patient, true),
             Kind::Write => body(&run, seq, WRITES[seq % 3], "ALLOW", &patient, true),
             Kind::WriteInDenyingMode => {
-                let mode = if seq % 2 == 0 {
+                let mode = if seq.is_multiple_of(2) {
                     "READ_ONLY"
                 } else {
                     "KILL_SWITCH"
