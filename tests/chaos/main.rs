@@ -69,7 +69,9 @@ impl Target {
 #[derive(Clone, Debug)]
 pub struct Outage {
     pub target: Target,
-    /// The process was dead (killed and reaped, or stopped) from here...
+    /// The kill (or stop) began here...
+    pub kill_at: f64,
+    /// ...and the process was dead (killed and reaped, or stopped) from here...
     pub down_at: f64,
     /// ...until its restart began...
     pub restart_at: f64,
@@ -167,6 +169,7 @@ async fn chaos(
         // A schedule, not a synchronisation: the load runs meanwhile.
         tokio::time::sleep_until((t0 + Duration::from_secs_f64(at)).into()).await;
         if down {
+            let kill_at = since(t0);
             match target {
                 Target::Redis => redis.lock().await.stop(),
                 Target::Postgres => on_cluster(&cluster, PrivateCluster::crash).await,
@@ -176,6 +179,7 @@ async fn chaos(
             let down_at = since(t0);
             outages[i] = Some(Outage {
                 target,
+                kill_at,
                 down_at,
                 restart_at: down_at,
                 up_at: down_at,

@@ -154,7 +154,7 @@ impl Figures<'_> {
         };
         let cut_by_kill = |x: &Record| {
             self.outages.iter().any(|o| {
-                o.target == Target::Verifier && x.sent_at < o.down_at && x.answered_at >= o.down_at
+                o.target == Target::Verifier && x.sent_at < o.down_at && x.answered_at >= o.kill_at
             })
         };
         let failed: Vec<&Record> = r
@@ -297,7 +297,7 @@ impl Figures<'_> {
 |---|---|
 | wrong ALLOWs | {wrong} |
 | answered decisions missing from the chain | {missing} |
-| requests decided twice | {twice} |
+| writes decided twice | {twice} |
 | chain rows that do not link or recompute | {chain} |
 | spooled events of the killed verifier not in the chain exactly once | {left_missing} |
 | requests denied fail-closed, then decided afresh on a retry (by design) | {redecided} |
