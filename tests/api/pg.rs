@@ -462,6 +462,26 @@ impl PrivateCluster {
         );
     }
 
+    /// Immediate shutdown (`pg_ctl stop -m immediate`): no checkpoint, every
+    /// session cut, crash recovery on the next start, as when the host dies.
+    #[allow(dead_code)] // used by the chaos test, which includes this module
+    pub fn crash(&self) {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ],
+        );
+    }
+
     pub fn password(&self) -> &str {
         &self.password
     }

@@ -87,6 +87,9 @@ pub struct RedisServer {
     child: Option<Child>,
     /// `(certificate, key, client CA)`: serve TLS only, on `port`.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Persist every write to an append-only file fsync'd before the reply
+    /// (`appendfsync always`), so a SIGKILL forgets nothing it answered.
+    pub aof: bool,
 }
 
 impl RedisServer {
@@ -114,6 +117,7 @@ impl RedisServer {
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
             tls: None,
+            aof: false,
         }
     }
 
@@ -151,7 +155,12 @@ impl RedisServer {
         };
         let child = command
             .args(["--requirepass", &self.password])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(if self.aof {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
