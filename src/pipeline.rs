@@ -517,7 +517,7 @@ impl Pipeline {
         if let Err(error) = stored
             && let Some(suppressed) = self.state_failed("store", &error)
         {
-            tracing::warn!(%error, suppressed, "could not store the decision for replays; the claim will expire");
+            tracing::warn!(%error, suppressed, "could not store the decision for replays now (the Redis store keeps retrying until the claim expires)");
         }
     }
 

@@ -357,35 +357,90 @@ impl RedisState {
     /// this `request_id` with `Inv_ReplayConcurrent` for the pending TTL.
     /// The release goes out on the same connection after the claim, so Redis
     /// runs it after the claim whenever that runs; it deletes only a claim
-    /// with our owner token. Retried until it gets an answer, for at most
-    /// the pending TTL (after which the claim has expired anyway).
+    /// with our owner token.
     fn release_late_claim(&self, key: String, fingerprint: &str, owner: String) {
-        let client = self.client.clone();
-        let options = self.options.clone();
-        let script = self.release.clone();
+        let (client, options, script) = (
+            self.client.clone(),
+            self.options.clone(),
+            self.release.clone(),
+        );
         let args = vec![Value::from(fingerprint), Value::from(owner)];
+        self.retry_in_background("releasing a timed-out claim", move || {
+            let (client, options, script, key, args) = (
+                client.clone(),
+                options.clone(),
+                script.clone(),
+                key.clone(),
+                args.clone(),
+            );
+            async move {
+                run_script(&client, &options, &script, key, args)
+                    .await
+                    .map(drop)
+            }
+        });
+    }
+
+    /// Keeps trying, in the background, to finish what a decision left on
+    /// its claim (store the decision, or release the claim) after Redis
+    /// failed to take it. Without this a write whose decision was audited
+    /// while Redis died keeps a pending claim: retries are denied
+    /// `Inv_ReplayConcurrent` until it expires, and a retry after that is
+    /// decided again, a second ALLOW for one request. Retried with the
+    /// reconnect backoff for at most the pending TTL, after which the claim
+    /// has expired anyway (so the id is free, and storing over it with `XX`
+    /// does nothing). A restart of this process loses the retries: the claim
+    /// then expires as before.
+    fn retry_in_background<F, Fut>(&self, what: &'static str, mut attempt: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), StateError>> + Send,
+    {
         let give_up = tokio::time::Instant::now() + self.pending_ttl;
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(u64::from(RECONNECT_MIN_DELAY_MS));
             loop {
-                let released =
-                    run_script(&client, &options, &script, key.clone(), args.clone()).await;
-                match released {
-                    Ok(_) => return,
+                match attempt().await {
+                    Ok(()) => return,
                     Err(error) if tokio::time::Instant::now() + delay < give_up => {
-                        tracing::debug!(%error, "releasing a timed-out claim: retrying");
+                        tracing::debug!(%error, what, "state store: retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2)
                             .min(Duration::from_millis(u64::from(RECONNECT_MAX_DELAY_MS)));
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "could not release a timed-out claim; it expires with the pending TTL");
+                        tracing::warn!(%error, what, "state store: gave up; the claim expires with the pending TTL");
                         return;
                     }
                 }
             }
         });
     }
+}
+
+/// Stores a decision over the claim that holds its key (`SET ... XX`): if
+/// the claim is gone (expired, or deleted by an operator) the id is free
+/// again and nothing is stored. `Ok(false)` in that case.
+async fn store_over_claim(
+    client: &Client,
+    options: &Options,
+    key: String,
+    record: String,
+    replay_ttl: Duration,
+) -> Result<bool, StateError> {
+    let with_options = client.with_options(options);
+    let stored: Option<String> = bounded(
+        client,
+        with_options.set(
+            key,
+            record,
+            Some(Expiration::EX(seconds(replay_ttl))),
+            Some(SetOptions::XX),
+            false,
+        ),
+    )
+    .await?;
+    Ok(stored.is_some())
 }
 
 /// [`StateError::Down`] unless the client holds a live connection.
@@ -464,32 +519,67 @@ impl ReplayGuard for RedisState {
             fingerprint: fingerprint.to_owned(),
             response: response.clone(),
         })?;
-        let client = self.client.with_options(&self.options);
-        // XX: only over our claim. If the claim is gone (expired, or deleted
-        // by an operator) the id is free again and nothing is stored.
-        let stored: Option<String> = bounded(
+        let key = Self::key(request_id);
+        let stored = store_over_claim(
             &self.client,
-            client.set(
-                Self::key(request_id),
-                record,
-                Some(Expiration::EX(seconds(self.replay_ttl))),
-                Some(SetOptions::XX),
-                false,
-            ),
+            &self.options,
+            key.clone(),
+            record.clone(),
+            self.replay_ttl,
         )
-        .await?;
-        if stored.is_none() {
-            tracing::warn!(request_id = %request_id.as_str(), "claim vanished before the decision was stored; the request_id may be decided again");
+        .await;
+        match stored {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(request_id = %request_id.as_str(), "claim vanished before the decision was stored; the request_id may be decided again");
+                Ok(())
+            }
+            Err(error) => {
+                let (client, options, ttl) =
+                    (self.client.clone(), self.options.clone(), self.replay_ttl);
+                self.retry_in_background("storing a decision", move || {
+                    let (client, options, key, record) =
+                        (client.clone(), options.clone(), key.clone(), record.clone());
+                    async move {
+                        store_over_claim(&client, &options, key, record, ttl)
+                            .await
+                            .map(drop)
+                    }
+                });
+                Err(error)
+            }
         }
-        Ok(())
     }
 
     async fn release(&self, request_id: &RequestId, fingerprint: &str) -> Result<(), StateError> {
         // Any owner: only the holder of the claim releases it this way.
         let args = vec![Value::from(fingerprint), Value::from("")];
-        self.run(&self.release, Self::key(request_id), args)
-            .await
-            .map(drop)
+        let key = Self::key(request_id);
+        let released = self.run(&self.release, key.clone(), args.clone()).await;
+        if released.is_err() {
+            // Left pending, the claim would deny every retry of a fail-closed
+            // answer with `Inv_ReplayConcurrent` once Redis is back.
+            let (client, options, script) = (
+                self.client.clone(),
+                self.options.clone(),
+                self.release.clone(),
+            );
+            self.retry_in_background("releasing a claim", move || {
+                let (client, options, script, key, args) = (
+                    client.clone(),
+                    options.clone(),
+                    script.clone(),
+                    key.clone(),
+                    args.clone(),
+                );
+                async move {
+                    run_script(&client, &options, &script, key, args)
+                        .await
+                        .map(drop)
+                }
+            });
+        }
+        released.map(drop)
     }
 
     async fn ping(&self) -> Result<(), StateError> {

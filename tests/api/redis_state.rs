@@ -530,3 +530,54 @@ async fn reads_skip_a_redis_known_down_without_waiting_and_writes_fail_closed_at
         );
     }
 }
+
+/// A private Redis that persists every write, and a state store on it with
+/// the default pending TTL.
+async fn persistent_redis() -> (RedisServer, RedisState) {
+    let mut redis = RedisServer::on_port(free_port());
+    redis.aof = true;
+    redis.restart().await;
+    let state = RedisState::connect(
+        &redis.url(),
+        &Default::default(),
+        Duration::from_secs(3600),
+        casf_verifier::state::DEFAULT_PENDING_TTL,
+    )
+    .await
+    .expect("Redis state");
+    (redis, state)
+}
+
+#[tokio::test]
+async fn a_decision_redis_could_not_take_is_stored_once_it_is_back() {
+    // Redis dies between a write's claim and the store of its audited
+    // decision. Without the background retry the claim stays pending, and a
+    // retry after the pending TTL would be decided again: a second ALLOW.
+    let (mut redis, state) = persistent_redis().await;
+    let id = RequestId::parse(&fresh_id()).expect("request_id");
+    assert_eq!(state.claim(&id, "f").await.expect("claim"), Claim::Claimed);
+    redis.stop();
+    let allow = VerifyResponse::from_violations(vec![], vec![]);
+    assert!(state.complete(&id, "f", &allow).await.is_err());
+    redis.restart().await;
+    wait_until(RECOVERY_DEADLINE, "the decision is stored", || async {
+        matches!(state.claim(&id, "f").await, Ok(Claim::Cached(ref r)) if *r == allow)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_redis_could_not_release_is_released_once_it_is_back() {
+    // The fail-closed answer's claim: left pending, every retry after
+    // recovery would be `Inv_ReplayConcurrent` for the pending TTL.
+    let (mut redis, state) = persistent_redis().await;
+    let id = RequestId::parse(&fresh_id()).expect("request_id");
+    assert_eq!(state.claim(&id, "f").await.expect("claim"), Claim::Claimed);
+    redis.stop();
+    assert!(state.release(&id, "f").await.is_err());
+    redis.restart().await;
+    wait_until(RECOVERY_DEADLINE, "the claim is released", || async {
+        matches!(state.claim(&id, "f").await, Ok(Claim::Claimed))
+    })
+    .await;
+}

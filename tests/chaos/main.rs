@@ -393,6 +393,14 @@ async fn kill_every_dependency_and_the_verifier_under_load() {
         Vec::<String>::new(),
         "requests decided twice"
     );
+    // Redis dying between a write's claim and its store used to leave the
+    // claim pending, and a replay after the pending TTL was decided again;
+    // the Redis store now retries the store in the background.
+    assert_eq!(
+        findings.writes_redecided_in_flight_at_redis_kill,
+        Vec::<String>::new(),
+        "writes decided again after Redis died while they were in flight"
+    );
     assert_eq!(
         findings.chain_errors,
         Vec::<String>::new(),

@@ -33,7 +33,8 @@ pub struct Findings {
     /// was killed: claimed before, so the decision could not be stored and
     /// its claim stayed pending; a replay after the pending TTL is decided
     /// afresh. The guide (§6) allows it ("worst case: duplicate processing
-    /// of in-flight requests"); issue 11 item 1 does not. A known gap.
+    /// of in-flight requests"); issue 11 item 1 does not, so the Redis store
+    /// retries the store until the claim expires, and the test asserts none.
     pub writes_redecided_in_flight_at_redis_kill: Vec<String>,
     /// Answered decisions found in the chain, of which answered with the
     /// `| audit_append_failed` suffix (so drained from a spool).

@@ -124,12 +124,11 @@ run, not a threshold:
   promises). Reads are exempt by the guide (§6): when Redis fails for a read
   (down, or over its 200 ms budget) the read skips the anti-replay gate, so
   a replayed read may be decided, and audited, again. Both are counted
-  below. One more exception, which the guide allows (§6: \"worst case:
-  duplicate processing of in-flight requests\") but issue 11 does not, and
-  so a known gap, counted and listed below: a write whose first request was
-  in flight while Redis was killed (claimed before, its decision then could
-  not be stored, so the claim stays pending) is decided afresh when
-  replayed after `CASF_REPLAY_PENDING_TTL_SECONDS`;
+  below. Writes get no exception: a write whose first request was in
+  flight while Redis was killed (claimed before, its decision then not
+  stored) used to be decided afresh when replayed after
+  `CASF_REPLAY_PENDING_TTL_SECONDS`; the Redis store now retries the store
+  in the background, and the test asserts there are none;
 - what the killed verifier left in its spool is in the chain exactly once;
 - the chain links from genesis and every hash recomputes (independently, in
   the test), `casf-verifier audit verify` exits 0 on it, and
@@ -307,7 +306,7 @@ impl Figures<'_> {
 | spooled events of the killed verifier not in the chain exactly once | {left_missing} |
 | requests denied fail-closed, then decided afresh on a retry (by design) | {redecided} |
 | reads decided more than once (guide §6: a read skips the gate when Redis fails) | {reads_again} |
-| writes decided again, first sent while Redis was being killed (guide §6 allows; a known gap) | {in_flight_again} |
+| writes decided again, first sent while Redis was being killed (asserted 0) | {in_flight_again} |
 ",
             af = r.iter().filter(|x| x.audit_failed()).count(),
             procs = self.spool.processes,
