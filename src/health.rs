@@ -34,6 +34,31 @@ pub struct Readiness {
     /// never a reason to be unready: a deep spool is PostgreSQL's outage,
     /// which the audit check already reports.
     pub spool_depth: Option<Gauge>,
+    /// The live policy set and `CASF_ENFORCE`: `/healthz` shows the policy
+    /// hash and whether shadow mode is on (never silently).
+    pub enforcement: Option<Enforcement>,
+}
+
+pub struct Enforcement {
+    pub live: Arc<crate::policy::live::LivePolicy>,
+    pub enforce: bool,
+}
+
+impl Enforcement {
+    /// `off`, or what is in shadow.
+    fn shadow(&self) -> String {
+        let routes = self.live.current().routes.shadowed_routes();
+        match (self.enforce, routes) {
+            (false, _) => {
+                "on: CASF_ENFORCE=false, every call is answered ALLOW unless it failed closed"
+                    .into()
+            }
+            (true, 0) => "off".into(),
+            (true, n) => format!(
+                "on: {n} routes with enforce: false are answered ALLOW unless they fail closed"
+            ),
+        }
+    }
 }
 
 /// Result of one readiness pass.
@@ -88,6 +113,13 @@ impl Readiness {
             return Health::NotReady(detail);
         }
         checks.insert(self.policy.backend().into(), "ok".into());
+        if let Some(enforcement) = &self.enforcement {
+            checks.insert(
+                "policy_hash".into(),
+                enforcement.live.current().hash.clone().into(),
+            );
+            checks.insert("shadow".into(), enforcement.shadow().into());
+        }
         Health::Ready(checks)
     }
 

@@ -36,6 +36,7 @@ use crate::mode_floor::{ModeFloor, read_floor_file, stricter};
 use crate::pipeline::{Pipeline, SmsLimit};
 use crate::policy::PolicyEngine;
 use crate::policy::embedded::{EmbeddedPolicy, PolicyLoadError};
+use crate::policy::live::{LivePolicy, SetSource};
 use crate::policy::opa::{OpaPolicy, OpaSetupError};
 use crate::state::memory::MemoryState;
 use crate::state::redis::{RedisSetupError, RedisState};
@@ -60,6 +61,10 @@ pub enum StartupError {
     },
     #[error("routes: {0}")]
     Routes(#[from] RouteMapError),
+    #[error("policy: {0}")]
+    PolicySet(String),
+    #[error("CASF_POLICY_CANDIDATE_DIR: {0}")]
+    Candidate(PolicyLoadError),
     #[error("CASF_MODE_FLOOR_FILE: {0}")]
     ModeFloor(#[from] crate::mode_floor::FloorFileError),
     #[error("{var} is set, but this build has no {backend} backend yet")]
@@ -122,11 +127,22 @@ pub async fn migrate_audit_log(backend: &AuditBackend) -> Result<(), StartupErro
     Ok(())
 }
 
-fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {
-    match backend {
-        PolicyBackend::Embedded { dir } => Ok(Arc::new(EmbeddedPolicy::load(dir)?)),
-        PolicyBackend::Opa { url, tls } => Ok(Arc::new(OpaPolicy::new(url.expose(), tls)?)),
-    }
+/// The policy and route map as one reloadable set. The embedded policy's
+/// Rego tests must pass, as on every reload.
+fn build_live_policy(settings: &Settings) -> Result<Arc<LivePolicy>, StartupError> {
+    let (policy_dir, opa): (_, Option<Arc<dyn PolicyEngine>>) = match &settings.policy {
+        PolicyBackend::Embedded { dir } => (Some(dir.clone()), None),
+        PolicyBackend::Opa { url, tls } => {
+            (None, Some(Arc::new(OpaPolicy::new(url.expose(), tls)?)))
+        }
+    };
+    let source = SetSource {
+        policy_dir,
+        routes: settings.routes.clone(),
+    };
+    LivePolicy::load(source, opa)
+        .map(Arc::new)
+        .map_err(StartupError::PolicySet)
 }
 
 /// One state store serves both anti-replay and the rate limit.
@@ -209,7 +225,9 @@ pub struct Application {
     listener: TcpListener,
     grpc_listener: TcpListener,
     state: Arc<AppState>,
-    routes: Arc<RouteMap>,
+    /// The policy set, reloaded on SIGHUP and file changes while serving.
+    live: Arc<LivePolicy>,
+    hangup: crate::policy::live::Hangup,
     routes_summary: String,
     audit_task: Option<JoinHandle<()>>,
     /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
@@ -220,8 +238,10 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         crate::tls::install_crypto_provider();
-        let (routes, routes_summary) = load_routes(&settings.routes)?;
-        let policy = build_policy(&settings.policy)?;
+        // Checked alone first, for its own error; the live set parses it again.
+        let (_, routes_summary) = load_routes(&settings.routes)?;
+        let live = build_live_policy(settings)?;
+        let policy: Arc<dyn PolicyEngine> = Arc::new(crate::policy::live::LiveEngine(live.clone()));
         let StateStore {
             replay,
             limiter,
@@ -291,13 +311,40 @@ impl Application {
             metrics,
             SmsLimit::default(),
         )
-        .with_mode_floor(floor.clone());
+        .with_mode_floor(floor.clone())
+        .with_live_policy(live.clone())
+        .with_enforce(settings.enforce);
+        let pipeline = match &settings.policy_candidate_dir {
+            Some(dir) => {
+                let candidate = EmbeddedPolicy::load(dir).map_err(StartupError::Candidate)?;
+                tracing::warn!(dir = %dir.display(), "candidate policy evaluated beside the live one on every decision (CASF_POLICY_CANDIDATE_DIR); it decides nothing");
+                pipeline.with_candidate(Arc::new(candidate))
+            }
+            None => pipeline,
+        };
+        if !settings.enforce {
+            tracing::warn!(
+                "SHADOW MODE (CASF_ENFORCE=false): every call is decided and audited but answered ALLOW, unless it failed closed"
+            );
+        }
+        let shadowed_routes = live.current().routes.shadowed_routes();
+        if shadowed_routes > 0 {
+            tracing::warn!(
+                routes = shadowed_routes,
+                "shadow: routes with enforce: false are answered ALLOW whatever the decision"
+            );
+        }
+        tracing::info!(hash = %live.current().hash, "policy set loaded");
         let readiness = Readiness {
             audit: audit_log,
             state: replay,
             policy,
             redactor: Redactor::new(settings.secrets()),
             spool_depth,
+            enforcement: Some(crate::health::Enforcement {
+                live: live.clone(),
+                enforce: settings.enforce,
+            }),
         };
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -319,7 +366,8 @@ impl Application {
             listener,
             grpc_listener,
             state,
-            routes: Arc::new(routes),
+            live,
+            hangup: crate::policy::live::catch_hangup(),
             routes_summary,
             audit_task,
             mode_floor: (floor, settings.mode_floor, settings.mode_floor_file.clone()),
@@ -350,7 +398,8 @@ impl Application {
             listener,
             grpc_listener,
             state,
-            routes,
+            live,
+            hangup,
             audit_task,
             mode_floor: (floor, floor_base, floor_file),
             connections,
@@ -380,11 +429,16 @@ impl Application {
                 stopped(draining.clone()),
             ));
         }
+        tokio::spawn(crate::policy::live::follow(
+            live,
+            state.pipeline.metrics().clone(),
+            hangup,
+            stopped(draining.clone()),
+        ));
         let grpc = crate::grpc::serve(
             grpc_listener,
             connections,
             state.pipeline.clone(),
-            routes,
             state.readiness.clone(),
             draining.clone(),
             stopped(draining.clone()),

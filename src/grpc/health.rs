@@ -159,6 +159,7 @@ mod tests {
             policy: policy.clone(),
             redactor: Redactor::default(),
             spool_depth: None,
+            enforcement: None,
         });
         let (drain, draining) = watch::channel(false);
         (GrpcHealth::new(readiness, draining), policy, drain)
