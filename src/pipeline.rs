@@ -1341,4 +1341,90 @@ mod tests {
             assert!(metrics.encode().contains(&floor_series), "{name}");
         }
     }
+
+    /// Shadow answers ALLOW for the policy's and the caller's-mode denials
+    /// only: never over a dependency failing closed or the operator's floor,
+    /// and the audit row and stored answer stay the real decision.
+    #[tokio::test]
+    async fn shadow_answers_allow_but_never_over_fail_closed_or_the_floor() {
+        // (policy port, policy denies, floor, tool, shadowed, answered violations)
+        let cases = [
+            (
+                Works,
+                true,
+                Mode::Allow,
+                Tool::CreateAppointment,
+                true,
+                vec![],
+            ),
+            (
+                Fails,
+                false,
+                Mode::Allow,
+                Tool::CreateAppointment,
+                false,
+                vec!["FAIL_CLOSED", "OPA_Unavailable"],
+            ),
+            (
+                Works,
+                false,
+                Mode::KillSwitch,
+                Tool::SummaryHistory,
+                false,
+                vec!["Mode_KillSwitch"],
+            ),
+        ];
+        for (port, denies, floor, tool, shadowed, answered) in cases {
+            let name = format!("{port:?} denies={denies} floor={floor:?}");
+            let state = Arc::new(FakeState {
+                claim: Claiming::Claims(Works),
+                store: Works,
+                limiter: Works,
+                sms_count: 1,
+                ends: Mutex::new(Vec::new()),
+            });
+            let log = Arc::new(FakeAudit {
+                port: Works,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let pipeline = Arc::new(
+                Pipeline::new(
+                    Arc::new(FakePolicy(port, denies)),
+                    Some(state.clone()),
+                    state.clone(),
+                    Some(writer),
+                    metrics.clone(),
+                    SmsLimit::default(),
+                )
+                .with_mode_floor(Arc::new(ModeFloor::new(floor)))
+                .with_enforce(false),
+            );
+            let verdict = pipeline.decide(request(tool), Door::Http).await;
+            assert_eq!(verdict.shadow, shadowed, "{name}");
+            assert_eq!(verdict.response.violations, answered, "{name}");
+            let events = log.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1, "{name}");
+            assert_eq!(
+                events[0].payload.get("shadow").is_some(),
+                shadowed,
+                "{name}"
+            );
+            if shadowed {
+                assert_eq!(verdict.response.decision, Decision::Allow, "{name}");
+                assert_eq!(verdict.response.shadow_decision, Some(Decision::Deny));
+                assert_eq!(events[0].decision, "DENY", "{name}: the real one");
+                assert_eq!(state.ends.lock().unwrap().clone(), vec![ClaimEnd::Stored]);
+                assert!(
+                    metrics
+                        .encode()
+                        .contains("casf_shadow_decision_total{decision=\"DENY\"} 1")
+                );
+            } else {
+                assert_eq!(verdict.response.decision, Decision::Deny, "{name}");
+                assert!(verdict.response.shadow_decision.is_none(), "{name}");
+            }
+        }
+    }
 }
