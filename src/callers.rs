@@ -40,6 +40,18 @@ pub mod violation {
     pub const UNAUTHENTICATED: &str = "Caller_Unauthenticated";
 }
 
+/// Whether `code` is one of [`violation`]'s: a claim outside the caller's
+/// grants, which shadow mode never answers ALLOW.
+pub fn is_grant_violation(code: &str) -> bool {
+    [
+        violation::ROLE_NOT_GRANTED,
+        violation::TENANT_NOT_GRANTED,
+        violation::TOOL_NOT_GRANTED,
+        violation::UNAUTHENTICATED,
+    ]
+    .contains(&code)
+}
+
 /// How often the callers file is checked for a change.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 

@@ -244,6 +244,18 @@ pub const VARIABLES: &[Variable] = &[
         "a connection (either door) the client sent nothing on for this long is closed",
     ),
     var(
+        "CASF_ENFORCE",
+        "enforce",
+        "true",
+        "false is shadow mode: every call is decided, audited and counted, but answered ALLOW with the real decision beside it (never a fail-closed deny)",
+    ),
+    var(
+        "CASF_POLICY_CANDIDATE_DIR",
+        "policy-candidate-dir",
+        "unset",
+        "directory of a candidate Rego policy evaluated beside the live one on every decision, never deciding; disagreements are counted and audited",
+    ),
+    var(
         "CASF_MAX_CONNECTIONS",
         "max-connections",
         "4096",
@@ -477,6 +489,10 @@ pub struct Settings {
     pub audit_strict: bool,
     /// What one client connection may hold, per door.
     pub connections: crate::connections::ConnectionLimits,
+    /// `CASF_ENFORCE`: false is shadow mode.
+    pub enforce: bool,
+    /// `CASF_POLICY_CANDIDATE_DIR`.
+    pub policy_candidate_dir: Option<PathBuf>,
     /// `CASF_AUDIT_SIGNING_KEY`: the path only; the key is read by what signs.
     pub audit_signing_key: Option<PathBuf>,
     /// `CASF_AUDIT_CHECKPOINT_EVERY` and `CASF_AUDIT_CHECKPOINT_FILE`.
@@ -667,6 +683,8 @@ impl Settings {
                 " of bytes",
             )?,
             audit_strict: parse_bool("CASF_AUDIT_STRICT", get("CASF_AUDIT_STRICT")?, false)?,
+            enforce: parse_bool("CASF_ENFORCE", get("CASF_ENFORCE")?, true)?,
+            policy_candidate_dir: get("CASF_POLICY_CANDIDATE_DIR")?.map(PathBuf::from),
             connections: crate::connections::ConnectionLimits {
                 header_timeout: parse_seconds(
                     "CASF_HTTP_HEADER_TIMEOUT_SECONDS",

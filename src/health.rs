@@ -38,6 +38,31 @@ pub struct Readiness {
     /// `CASF_CALLERS`; `None` when callers are not authenticated, which the
     /// checks say (a warning, not a failure: that is the guide's behaviour).
     pub callers: Option<Arc<Callers>>,
+    /// The live policy set and `CASF_ENFORCE`: `/healthz` shows the policy
+    /// hash and whether shadow mode is on (never silently).
+    pub enforcement: Option<Enforcement>,
+}
+
+pub struct Enforcement {
+    pub live: Arc<crate::policy::live::LivePolicy>,
+    pub enforce: bool,
+}
+
+impl Enforcement {
+    /// `off`, or what is in shadow.
+    fn shadow(&self) -> String {
+        let routes = self.live.current().routes.shadowed_routes();
+        match (self.enforce, routes) {
+            (false, _) => {
+                "on: CASF_ENFORCE=false, every call is answered ALLOW unless it failed closed"
+                    .into()
+            }
+            (true, 0) => "off".into(),
+            (true, n) => format!(
+                "on: {n} routes with enforce: false are answered ALLOW unless they fail closed"
+            ),
+        }
+    }
 }
 
 /// Result of one readiness pass.
@@ -100,6 +125,13 @@ impl Readiness {
             }),
         };
         checks.insert("callers".into(), callers);
+        if let Some(enforcement) = &self.enforcement {
+            checks.insert(
+                "policy_hash".into(),
+                enforcement.live.current().hash.clone().into(),
+            );
+            checks.insert("shadow".into(), enforcement.shadow().into());
+        }
         Health::Ready(checks)
     }
 

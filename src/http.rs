@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::callers::{Caller, Unauthenticated};
 use crate::domain::{Mode, VerifyRequest};
-use crate::ext_authz::respond::MODE_APPLIED_HEADER;
+use crate::ext_authz::respond::{MODE_APPLIED_HEADER, SHADOW_DECISION_HEADER};
 use crate::health::{Health, Readiness};
 use crate::metrics::{Door, DoorRejection};
 use crate::mode_floor::{FloorSource, FloorState};
@@ -177,7 +177,14 @@ async fn verify(
         .pipeline
         .decide_traced(request, Door::Http, parent)
         .await;
+    let shadow = verdict.response.shadow_decision.filter(|_| verdict.shadow);
     let mut answer = (StatusCode::OK, axum::Json(verdict.response)).into_response();
+    if let Some(real) = shadow {
+        answer.headers_mut().insert(
+            SHADOW_DECISION_HEADER,
+            header::HeaderValue::from_static(real.as_str()),
+        );
+    }
     if let Some(mode) = verdict.floor_applied {
         answer.headers_mut().insert(
             MODE_APPLIED_HEADER,

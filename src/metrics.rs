@@ -157,6 +157,26 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// Only the live policy's hash is ever a label value (one series).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HashLabels {
+    hash: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DisagreementLabels {
+    live: &'static str,
+    candidate: &'static str,
+}
+
+/// Outcomes of `casf_policy_reload_total`.
+pub const POLICY_RELOAD_RESULTS: [&str; 2] = ["ok", "refused"];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -365,6 +385,17 @@ pub struct Metrics {
     caller_rejections: Family<RejectionLabels, Counter>,
     callers_unauthenticated: Gauge,
     callers_reloads: Family<ResultLabels, Counter>,
+    policy: PolicyMetrics,
+}
+
+/// Policy reloads, the live policy, shadow decisions and the candidate.
+#[derive(Clone, Default)]
+struct PolicyMetrics {
+    reloads: Family<ResultLabels, Counter>,
+    info: Family<HashLabels, Gauge>,
+    shadow_decisions: Family<DecisionLabels, Counter>,
+    shadow_mode: Family<ScopeLabels, Gauge>,
+    disagreements: Family<DisagreementLabels, Counter>,
 }
 
 /// The audit spool's metrics, shared with the audit writer's thread.
@@ -407,6 +438,7 @@ impl Metrics {
             caller_rejections: Family::default(),
             callers_unauthenticated: Gauge::default(),
             callers_reloads: Family::default(),
+            policy: PolicyMetrics::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -586,6 +618,7 @@ impl Metrics {
                 .get_or_create(&ResultLabels { result })
                 .inc_by(0);
         }
+        m.register_policy(&mut registry);
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
@@ -709,6 +742,108 @@ impl Metrics {
         let result = if applied { "ok" } else { "refused" };
         self.callers_reloads
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    fn register_policy(&self, registry: &mut Registry) {
+        let p = &self.policy;
+        registry.register(
+            "casf_policy_reload",
+            "Policy and route map reloads, by result (ok, or refused: the old policy kept serving)",
+            p.reloads.clone(),
+        );
+        for result in POLICY_RELOAD_RESULTS {
+            p.reloads.get_or_create(&ResultLabels { result }).inc_by(0);
+        }
+        registry.register(
+            "casf_policy_info",
+            "The live policy set: SHA-256 of its Rego files and route map (always 1, one series)",
+            p.info.clone(),
+        );
+        registry.register(
+            "casf_shadow_decision",
+            "Real decisions of calls in shadow (answered ALLOW), by decision",
+            p.shadow_decisions.clone(),
+        );
+        registry.register(
+            "casf_shadow_mode",
+            "Shadow mode: global is 1 when CASF_ENFORCE=false; routes counts routes with enforce: false",
+            p.shadow_mode.clone(),
+        );
+        registry.register(
+            "casf_policy_disagreement",
+            "Decisions where the candidate policy (CASF_POLICY_CANDIDATE_DIR) disagreed with the live one",
+            p.disagreements.clone(),
+        );
+        for decision in Decision::ALL {
+            p.shadow_decisions
+                .get_or_create(&DecisionLabels {
+                    decision: decision.as_str(),
+                })
+                .inc_by(0);
+        }
+        self.shadow_global(false);
+        self.shadow_routes(0);
+    }
+
+    /// One reload attempt that swapped a new policy in (`ok`) or was refused.
+    pub fn policy_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.policy
+            .reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Shows `hash` as the live policy, removing `previous`'s series.
+    pub fn policy_live(&self, previous: Option<&str>, hash: &str) {
+        if let Some(previous) = previous.filter(|p| *p != hash) {
+            self.policy.info.remove(&HashLabels {
+                hash: previous.to_owned(),
+            });
+        }
+        self.policy
+            .info
+            .get_or_create(&HashLabels {
+                hash: hash.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// The real decision of a call answered ALLOW because it is in shadow.
+    pub fn shadow_decision(&self, decision: Decision) {
+        self.policy
+            .shadow_decisions
+            .get_or_create(&DecisionLabels {
+                decision: decision.as_str(),
+            })
+            .inc();
+    }
+
+    /// `casf_shadow_mode{scope="global"}`: `CASF_ENFORCE=false`.
+    pub fn shadow_global(&self, on: bool) {
+        self.policy
+            .shadow_mode
+            .get_or_create(&ScopeLabels { scope: "global" })
+            .set(i64::from(on));
+    }
+
+    /// `casf_shadow_mode{scope="routes"}`: routes with `enforce: false`.
+    pub fn shadow_routes(&self, routes: usize) {
+        self.policy
+            .shadow_mode
+            .get_or_create(&ScopeLabels { scope: "routes" })
+            .set(i64::try_from(routes).unwrap_or(i64::MAX));
+    }
+
+    /// A decision where the candidate policy disagreed with the live one.
+    pub fn policy_disagreement(&self, live: Decision, candidate: Decision) {
+        self.policy
+            .disagreements
+            .get_or_create(&DisagreementLabels {
+                live: live.as_str(),
+                candidate: candidate.as_str(),
+            })
             .inc();
     }
 

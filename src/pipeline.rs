@@ -29,10 +29,12 @@ use crate::audit::writer::AuditWriter;
 use crate::audit::{AppendReceipt, AuditError, NewEvent};
 use crate::callers::{self, Callers};
 use crate::domain::{Decision, Mode, Tool, VerifyRequest, VerifyResponse, violation};
+use crate::ext_authz::routes::RouteMap;
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::mode_floor::{ModeFloor, stricter};
-use crate::policy::PolicyEngine;
+use crate::policy::live::{LivePolicy, PolicySet};
+use crate::policy::{PolicyEngine, PolicyVerdict};
 use crate::state::{Claim, RateLimiter, ReplayGuard, StateError};
 
 /// Audit `action` of events that answer a reused `request_id`.
@@ -67,10 +69,21 @@ pub struct Verdict {
     /// The mode the decision ran under, when the operator's floor made it
     /// stricter than the caller's (doors show it as `x-casf-mode-applied`).
     pub floor_applied: Option<Mode>,
+    /// The call is in shadow: `response` is the real decision, audited and
+    /// stored as such, and the door is answered with
+    /// [`VerifyResponse::shadowed`] (done once, in [`Pipeline::decide`]).
+    pub shadow: bool,
 }
 
 pub struct Pipeline {
-    policy: Arc<dyn PolicyEngine>,
+    /// The policy set in force (policy, route map, hash); see
+    /// [`crate::policy::live`].
+    live: Arc<LivePolicy>,
+    /// `CASF_ENFORCE`: false puts every call in shadow.
+    enforce: bool,
+    /// `CASF_POLICY_CANDIDATE_DIR`: evaluated beside the live policy, never
+    /// deciding.
+    candidate: Option<Arc<dyn PolicyEngine>>,
     /// `None` when `ANTI_REPLAY_ENABLED` is false.
     replay: Option<Arc<dyn ReplayGuard>>,
     limiter: Arc<dyn RateLimiter>,
@@ -107,6 +120,15 @@ impl Findings {
             self.triggers.push(trigger);
         }
     }
+}
+
+/// What an audit row records beside the request and response: the policy
+/// set that decided, whether the answer was shadowed, and the candidate
+/// policy's answer where it differed.
+struct Stamp<'a> {
+    set: &'a PolicySet,
+    shadow: bool,
+    candidate: Option<serde_json::Value>,
 }
 
 /// How far a decision got, kept outside its future so that a panic inside
@@ -180,7 +202,12 @@ impl Pipeline {
         sms_limit: SmsLimit,
     ) -> Self {
         Pipeline {
-            policy,
+            live: Arc::new(LivePolicy::fixed(PolicySet::fixed(
+                policy,
+                RouteMap::empty(),
+            ))),
+            enforce: true,
+            candidate: None,
             replay,
             limiter,
             audit,
@@ -219,6 +246,40 @@ impl Pipeline {
         &self.floor
     }
 
+    /// Decides with `live`'s policy set, which may be reloaded while serving.
+    pub fn with_live_policy(mut self, live: Arc<LivePolicy>) -> Self {
+        let set = live.current();
+        self.metrics.policy_live(None, &set.hash);
+        self.metrics.shadow_routes(set.routes.shadowed_routes());
+        self.live = live;
+        self
+    }
+
+    /// `CASF_ENFORCE`: `false` answers ALLOW to every call that is not
+    /// failed closed, with the real decision beside it (shadow mode).
+    pub fn with_enforce(mut self, enforce: bool) -> Self {
+        self.metrics.shadow_global(!enforce);
+        self.enforce = enforce;
+        self
+    }
+
+    /// `CASF_POLICY_CANDIDATE_DIR`: a policy evaluated beside the live one
+    /// on every decision, recorded where they disagree, never deciding.
+    pub fn with_candidate(mut self, candidate: Arc<dyn PolicyEngine>) -> Self {
+        self.candidate = Some(candidate);
+        self
+    }
+
+    /// The policy set in force, and its reloads.
+    pub fn live(&self) -> &Arc<LivePolicy> {
+        &self.live
+    }
+
+    /// `CASF_ENFORCE`.
+    pub fn enforcing(&self) -> bool {
+        self.enforce
+    }
+
     /// Counts a state store failure, and tells whether a line may be logged
     /// for it now (with how many were left out since the last one).
     fn state_failed(&self, site: &'static str, error: &StateError) -> Option<u64> {
@@ -246,6 +307,19 @@ impl Pipeline {
         door: Door,
         parent: Option<TraceParent>,
     ) -> Verdict {
+        let set = self.live.current();
+        self.decide_with(request, door, parent, set).await
+    }
+
+    /// [`Self::decide_traced`] under the policy set `set`, which the door
+    /// already used to translate the call (ext_authz's route map).
+    pub async fn decide_with(
+        self: &Arc<Self>,
+        request: VerifyRequest,
+        door: Door,
+        parent: Option<TraceParent>,
+        set: Arc<PolicySet>,
+    ) -> Verdict {
         let started = Instant::now();
         // Every log event of the decision, in whatever task, carries its
         // request_id through this span.
@@ -253,7 +327,7 @@ impl Pipeline {
         crate::telemetry::set_parent(&span, parent.as_ref());
         let pipeline = Arc::clone(self);
         let task = tokio::spawn(
-            async move { pipeline.decide_owned(request, door, started).await }
+            async move { pipeline.decide_owned(request, door, started, set).await }
                 .instrument(span.clone()),
         );
         match task.instrument(span.clone()).await {
@@ -270,31 +344,99 @@ impl Pipeline {
                     response: internal_error(),
                     audit: None,
                     floor_applied: None,
+                    shadow: false,
                 }
             }
         }
     }
 
-    async fn decide_owned(&self, request: VerifyRequest, door: Door, started: Instant) -> Verdict {
+    async fn decide_owned(
+        &self,
+        request: VerifyRequest,
+        door: Door,
+        started: Instant,
+        set: Arc<PolicySet>,
+    ) -> Verdict {
         let _in_flight = self.metrics.in_flight();
         let mut progress = Progress::default();
-        let outcome = CatchUnwind(Box::pin(self.run(&request, &mut progress))).await;
-        let verdict = match outcome {
+        let outcome = CatchUnwind(Box::pin(self.run(&request, &mut progress, &set))).await;
+        let mut verdict = match outcome {
             Ok(verdict) => verdict,
-            Err(()) => self.after_panic(&request, progress).await,
+            Err(()) => self.after_panic(&request, progress, &set).await,
         };
         let elapsed = started.elapsed();
+        // Counted (and logged) as decided; only the answer is shadowed.
         self.metrics
             .decided(door, verdict.response.decision, elapsed);
         crate::telemetry::decision_log(door, &request, &verdict, elapsed);
+        if verdict.shadow {
+            self.metrics.shadow_decision(verdict.response.decision);
+            verdict.response = verdict.response.shadowed();
+        }
         verdict
+    }
+
+    /// Whether a call answered `response` is in shadow: shadow is on for it
+    /// (globally or on its route) and nothing failed closed. The operator's
+    /// floor and the anti-replay gate's own denials are never shadowed
+    /// either; their callers pass `false`.
+    fn shadowed(
+        &self,
+        set: &PolicySet,
+        request: &VerifyRequest,
+        response: &VerifyResponse,
+    ) -> bool {
+        (!self.enforce || !set.routes.enforced(request.tool))
+            && !response.failed_closed()
+            // A caller outside its grants is refused as the floor is: shadow
+            // trials a policy, it does not lend a caller another's rights.
+            && !response.violations.iter().any(|code| callers::is_grant_violation(code))
+    }
+
+    /// Evaluates the candidate policy on the input the live one saw, and
+    /// says what it would have answered where the two differ.
+    async fn compare_candidate(
+        &self,
+        input: &serde_json::Value,
+        live: &Result<PolicyVerdict, crate::policy::PolicyError>,
+    ) -> Option<serde_json::Value> {
+        let candidate = self.candidate.as_ref()?;
+        let policy_decision = |verdict: &PolicyVerdict| {
+            if verdict.allow && verdict.violations.is_empty() {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            }
+        };
+        let live = live.as_ref().ok()?;
+        match candidate.evaluate(input).await {
+            Ok(verdict) if verdict == *live => None,
+            Ok(verdict) => {
+                let (live_decision, decision) = (policy_decision(live), policy_decision(&verdict));
+                self.metrics.policy_disagreement(live_decision, decision);
+                Some(json!({
+                    "decision": decision.as_str(),
+                    "violations": verdict.violations,
+                    "live_decision": live_decision.as_str(),
+                }))
+            }
+            Err(error) => {
+                tracing::debug!(%error, "candidate policy gave no answer");
+                None
+            }
+        }
     }
 
     /// A stage panicked. Before the audit append: the decision is a
     /// fail-closed deny, audited, and the claim released so a retry is
     /// decided afresh. After it: the audited answer stands and is stored (or
     /// released) as usual, so it is neither lost nor decided twice.
-    async fn after_panic(&self, request: &VerifyRequest, progress: Progress) -> Verdict {
+    async fn after_panic(
+        &self,
+        request: &VerifyRequest,
+        progress: Progress,
+        set: &PolicySet,
+    ) -> Verdict {
         tracing::error!("panic while deciding: denied (fail closed)");
         let (verdict, failed_closed) = match progress.audited {
             Some(audited) => audited,
@@ -302,7 +444,7 @@ impl Pipeline {
                 self.metrics.fail_closed(Trigger::Rules);
                 let input = request.policy_input();
                 let verdict = self
-                    .audited(request, input, request.tool.as_str(), internal_error())
+                    .audited(request, input, request.tool.as_str(), internal_error(), set)
                     .await;
                 (verdict, true)
             }
@@ -321,7 +463,12 @@ impl Pipeline {
         verdict
     }
 
-    async fn run(&self, request: &VerifyRequest, progress: &mut Progress) -> Verdict {
+    async fn run(
+        &self,
+        request: &VerifyRequest,
+        progress: &mut Progress,
+        set: &PolicySet,
+    ) -> Verdict {
         // One policy input serves the fingerprint (guide §7) and the policy.
         let input = request.policy_input();
         // Bound to the caller: nobody gets another caller's stored decision.
@@ -370,19 +517,38 @@ impl Pipeline {
                         ),
                         _ => (response, None),
                     };
+                    // The stored answer is the real decision; whether it is
+                    // shadowed follows the enforcement in force now.
+                    let shadow = floor_applied.is_none() && self.shadowed(set, request, &response);
+                    let stamp = Stamp {
+                        set,
+                        shadow,
+                        candidate: None,
+                    };
                     return self
-                        .audited_under(request, input, REPLAY_ACTION, response, floor_applied)
+                        .audited_under(
+                            request,
+                            input,
+                            REPLAY_ACTION,
+                            response,
+                            floor_applied,
+                            stamp,
+                        )
                         .await;
                 }
                 Ok(Claim::Mismatch) => {
                     self.metrics.replay_mismatch();
                     tracing::warn!("request_id reused with a different payload");
                     let response = VerifyResponse::deny(violation::REPLAY_PAYLOAD_MISMATCH);
-                    return self.audited(request, input, REPLAY_ACTION, response).await;
+                    return self
+                        .audited(request, input, REPLAY_ACTION, response, set)
+                        .await;
                 }
                 Ok(Claim::Pending) => {
                     let response = VerifyResponse::deny(violation::REPLAY_CONCURRENT);
-                    return self.audited(request, input, REPLAY_ACTION, response).await;
+                    return self
+                        .audited(request, input, REPLAY_ACTION, response, set)
+                        .await;
                 }
                 Err(error) if request.tool.is_write() => {
                     if let Some(suppressed) = self.state_failed("claim_write", &error) {
@@ -415,15 +581,16 @@ impl Pipeline {
         }
 
         // 3. Policy, under the mode in force.
-        let evaluated = async {
-            match floor_applied {
-                None => self.policy.evaluate(&input).await,
-                Some(mode) => {
-                    let mut raised = input.clone();
-                    raised["mode"] = json!(mode.as_str());
-                    self.policy.evaluate(&raised).await
-                }
-            }
+        let (evaluated, candidate) = async {
+            let raised = floor_applied.map(|mode| {
+                let mut raised = input.clone();
+                raised["mode"] = json!(mode.as_str());
+                raised
+            });
+            let seen = raised.as_ref().unwrap_or(&input);
+            let evaluated = set.engine.evaluate(seen).await;
+            let candidate = self.compare_candidate(seen, &evaluated).await;
+            (evaluated, candidate)
         }
         .instrument(tracing::info_span!("policy"))
         .await;
@@ -472,10 +639,12 @@ impl Pipeline {
         }
         let failed_closed = !findings.triggers.is_empty();
         let response = VerifyResponse::from_violations(findings.violations, allowed_outputs);
+        let shadow = floor_applied.is_none() && self.shadowed(set, request, &response);
 
         // 5. Audit, then 6. remember the answer for replays. A fail-closed
         // deny is not remembered: once the dependency is back, a retry with
-        // the same request_id deserves a real decision.
+        // the same request_id deserves a real decision. A shadowed answer
+        // is stored as the real decision (see `Verdict::shadow`).
         let verdict = self
             .audited_under(
                 request,
@@ -483,6 +652,11 @@ impl Pipeline {
                 request.tool.as_str(),
                 response,
                 floor_applied,
+                Stamp {
+                    set,
+                    shadow,
+                    candidate,
+                },
             )
             .await;
         let failed_closed = failed_closed || audit_failed_closed(&verdict);
@@ -530,8 +704,14 @@ impl Pipeline {
         input: serde_json::Value,
         action: &str,
         response: VerifyResponse,
+        set: &PolicySet,
     ) -> Verdict {
-        self.audited_under(request, input, action, response, None)
+        let stamp = Stamp {
+            set,
+            shadow: false,
+            candidate: None,
+        };
+        self.audited_under(request, input, action, response, None, stamp)
             .await
     }
 
@@ -545,17 +725,31 @@ impl Pipeline {
         action: &str,
         mut response: VerifyResponse,
         floor_applied: Option<Mode>,
+        stamp: Stamp<'_>,
     ) -> Verdict {
+        let shadow = stamp.shadow;
         let Some(writer) = &self.audit else {
             return Verdict {
                 response,
                 audit: None,
                 floor_applied,
+                shadow,
             };
         };
-        let mut payload = json!({"request": request.completed(input), "response": response});
-        if let Some(mode) = floor_applied {
-            payload["mode_applied"] = json!(mode.as_str());
+        let mut payload = match floor_applied {
+            None => json!({"request": request.completed(input), "response": response}),
+            Some(mode) => json!({
+                "request": request.completed(input),
+                "response": response,
+                "mode_applied": mode.as_str(),
+            }),
+        };
+        payload["policy"] = stamp.set.stamp().clone();
+        if shadow {
+            payload["shadow"] = json!(true);
+        }
+        if let Some(candidate) = stamp.candidate {
+            payload["candidate"] = candidate;
         }
         // Who made the claim, beside what was claimed (`role` stays the actor).
         if let Some(name) = request.caller_name() {
@@ -577,6 +771,7 @@ impl Pipeline {
                 response,
                 audit: Some(receipt),
                 floor_applied,
+                shadow,
             },
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
@@ -595,6 +790,7 @@ impl Pipeline {
                 }
                 response.reason.push_str(AUDIT_FAILED_SUFFIX);
                 Verdict {
+                    shadow: shadow && !response.failed_closed(),
                     response,
                     audit: None,
                     floor_applied,
@@ -1279,6 +1475,92 @@ mod tests {
                 events[0].payload.get("caller").and_then(Value::as_str),
                 caller.as_ref().map(|c| c.name.as_str())
             );
+        }
+    }
+
+    /// Shadow answers ALLOW for the policy's and the caller's-mode denials
+    /// only: never over a dependency failing closed or the operator's floor,
+    /// and the audit row and stored answer stay the real decision.
+    #[tokio::test]
+    async fn shadow_answers_allow_but_never_over_fail_closed_or_the_floor() {
+        // (policy port, policy denies, floor, tool, shadowed, answered violations)
+        let cases = [
+            (
+                Works,
+                true,
+                Mode::Allow,
+                Tool::CreateAppointment,
+                true,
+                vec![],
+            ),
+            (
+                Fails,
+                false,
+                Mode::Allow,
+                Tool::CreateAppointment,
+                false,
+                vec!["FAIL_CLOSED", "OPA_Unavailable"],
+            ),
+            (
+                Works,
+                false,
+                Mode::KillSwitch,
+                Tool::SummaryHistory,
+                false,
+                vec!["Mode_KillSwitch"],
+            ),
+        ];
+        for (port, denies, floor, tool, shadowed, answered) in cases {
+            let name = format!("{port:?} denies={denies} floor={floor:?}");
+            let state = Arc::new(FakeState {
+                claim: Claiming::Claims(Works),
+                store: Works,
+                limiter: Works,
+                sms_count: 1,
+                ends: Mutex::new(Vec::new()),
+            });
+            let log = Arc::new(FakeAudit {
+                port: Works,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let pipeline = Arc::new(
+                Pipeline::new(
+                    Arc::new(FakePolicy(port, denies)),
+                    Some(state.clone()),
+                    state.clone(),
+                    Some(writer),
+                    metrics.clone(),
+                    SmsLimit::default(),
+                )
+                .with_mode_floor(Arc::new(ModeFloor::new(floor)))
+                .with_enforce(false),
+            );
+            let verdict = pipeline.decide(request(tool), Door::Http).await;
+            assert_eq!(verdict.shadow, shadowed, "{name}");
+            assert_eq!(verdict.response.violations, answered, "{name}");
+            let events = log.events.lock().unwrap().clone();
+            assert_eq!(events.len(), 1, "{name}");
+            assert_eq!(
+                events[0].payload.get("shadow").is_some(),
+                shadowed,
+                "{name}"
+            );
+            if shadowed {
+                assert_eq!(verdict.response.decision, Decision::Allow, "{name}");
+                assert_eq!(verdict.response.shadow_decision, Some(Decision::Deny));
+                assert_eq!(events[0].decision, "DENY", "{name}: the real one");
+                assert_eq!(state.ends.lock().unwrap().clone(), vec![ClaimEnd::Stored]);
+                assert!(
+                    metrics
+                        .encode()
+                        .contains("casf_shadow_decision_total{decision=\"DENY\"} 1")
+                );
+            } else {
+                assert_eq!(verdict.response.decision, Decision::Deny, "{name}");
+                assert!(verdict.response.shadow_decision.is_none(), "{name}");
+            }
         }
     }
 }

@@ -37,6 +37,7 @@ use crate::mode_floor::{FloorSource, ModeFloor, read_floor_file};
 use crate::pipeline::{Pipeline, SmsLimit};
 use crate::policy::PolicyEngine;
 use crate::policy::embedded::{EmbeddedPolicy, PolicyLoadError};
+use crate::policy::live::{LivePolicy, SetSource};
 use crate::policy::opa::{OpaPolicy, OpaSetupError};
 use crate::state::memory::MemoryState;
 use crate::state::redis::{RedisSetupError, RedisState};
@@ -63,6 +64,10 @@ pub enum StartupError {
     Routes(#[from] RouteMapError),
     #[error("CASF_CALLERS: {0}")]
     Callers(#[from] crate::callers::CallersError),
+    #[error("policy: {0}")]
+    PolicySet(String),
+    #[error("CASF_POLICY_CANDIDATE_DIR: {0}")]
+    Candidate(PolicyLoadError),
     #[error("CASF_MODE_FLOOR_FILE: {0}")]
     ModeFloor(#[from] crate::mode_floor::FloorFileError),
     #[error("audit checkpoints: {0}")]
@@ -167,11 +172,22 @@ pub async fn migrate_audit_log(backend: &AuditBackend) -> Result<(), StartupErro
     Ok(())
 }
 
-fn build_policy(backend: &PolicyBackend) -> Result<Arc<dyn PolicyEngine>, StartupError> {
-    match backend {
-        PolicyBackend::Embedded { dir } => Ok(Arc::new(EmbeddedPolicy::load(dir)?)),
-        PolicyBackend::Opa { url, tls } => Ok(Arc::new(OpaPolicy::new(url.expose(), tls)?)),
-    }
+/// The policy and route map as one reloadable set. The embedded policy's
+/// Rego tests must pass, as on every reload.
+fn build_live_policy(settings: &Settings) -> Result<Arc<LivePolicy>, StartupError> {
+    let (policy_dir, opa): (_, Option<Arc<dyn PolicyEngine>>) = match &settings.policy {
+        PolicyBackend::Embedded { dir } => (Some(dir.clone()), None),
+        PolicyBackend::Opa { url, tls } => {
+            (None, Some(Arc::new(OpaPolicy::new(url.expose(), tls)?)))
+        }
+    };
+    let source = SetSource {
+        policy_dir,
+        routes: settings.routes.clone(),
+    };
+    LivePolicy::load(source, opa)
+        .map(Arc::new)
+        .map_err(StartupError::PolicySet)
 }
 
 /// One state store serves both anti-replay and the rate limit.
@@ -254,7 +270,9 @@ pub struct Application {
     listener: TcpListener,
     grpc_listener: TcpListener,
     state: Arc<AppState>,
-    routes: Arc<RouteMap>,
+    /// The policy set, reloaded on SIGHUP and file changes while serving.
+    live: Arc<LivePolicy>,
+    hangup: crate::policy::live::Hangup,
     routes_summary: String,
     audit_task: Option<JoinHandle<()>>,
     /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
@@ -269,8 +287,10 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         crate::tls::install_crypto_provider();
-        let (routes, routes_summary) = load_routes(&settings.routes)?;
-        let policy = build_policy(&settings.policy)?;
+        // Checked alone first, for its own error; the live set parses it again.
+        let (_, routes_summary) = load_routes(&settings.routes)?;
+        let live = build_live_policy(settings)?;
+        let policy: Arc<dyn PolicyEngine> = Arc::new(crate::policy::live::LiveEngine(live.clone()));
         let StateStore {
             replay,
             limiter,
@@ -341,7 +361,30 @@ impl Application {
             metrics,
             SmsLimit::default(),
         )
-        .with_mode_floor(floor.clone());
+        .with_mode_floor(floor.clone())
+        .with_live_policy(live.clone())
+        .with_enforce(settings.enforce);
+        let pipeline = match &settings.policy_candidate_dir {
+            Some(dir) => {
+                let candidate = EmbeddedPolicy::load(dir).map_err(StartupError::Candidate)?;
+                tracing::warn!(dir = %dir.display(), "candidate policy evaluated beside the live one on every decision (CASF_POLICY_CANDIDATE_DIR); it decides nothing");
+                pipeline.with_candidate(Arc::new(candidate))
+            }
+            None => pipeline,
+        };
+        if !settings.enforce {
+            tracing::warn!(
+                "SHADOW MODE (CASF_ENFORCE=false): every call is decided and audited but answered ALLOW, unless it failed closed"
+            );
+        }
+        let shadowed_routes = live.current().routes.shadowed_routes();
+        if shadowed_routes > 0 {
+            tracing::warn!(
+                routes = shadowed_routes,
+                "shadow: routes with enforce: false are answered ALLOW whatever the decision"
+            );
+        }
+        tracing::info!(hash = %live.current().hash, "policy set loaded");
         // Callers that cannot be read refuse to start: the operator asked
         // for authentication, and serving without it would fail open.
         let callers = match &settings.callers {
@@ -373,6 +416,10 @@ impl Application {
             redactor: Redactor::new(settings.secrets()),
             spool_depth,
             callers: callers.clone(),
+            enforcement: Some(crate::health::Enforcement {
+                live: live.clone(),
+                enforce: settings.enforce,
+            }),
         };
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -394,7 +441,8 @@ impl Application {
             listener,
             grpc_listener,
             state,
-            routes: Arc::new(routes),
+            live,
+            hangup: crate::policy::live::catch_hangup(),
             routes_summary,
             audit_task,
             mode_floor: (floor, settings.mode_floor_file.clone()),
@@ -427,7 +475,8 @@ impl Application {
             listener,
             grpc_listener,
             state,
-            routes,
+            live,
+            hangup,
             audit_task,
             mode_floor: (floor, floor_file),
             callers,
@@ -466,11 +515,16 @@ impl Application {
                 callers.follow(state.pipeline.metrics().clone(), stopped(draining.clone())),
             );
         }
+        tokio::spawn(crate::policy::live::follow(
+            live,
+            state.pipeline.metrics().clone(),
+            hangup,
+            stopped(draining.clone()),
+        ));
         let grpc = crate::grpc::serve(
             grpc_listener,
             connections,
             state.pipeline.clone(),
-            routes,
             state.readiness.clone(),
             draining.clone(),
             stopped(draining.clone()),

@@ -326,6 +326,7 @@ mod tests {
                 hash: "ab12".into(),
             }),
             floor_applied: None,
+            shadow: false,
         }
     }
 

@@ -25,6 +25,56 @@ pub struct Digest {
     /// Only when the chain is broken: the first event that fails.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_broken_event: Option<BrokenEvent>,
+    /// The policy sets that decided the window's events (`policy.hash` of
+    /// their payloads), in order of first use. Not covered by `digest_hash`.
+    pub policies: Vec<PolicyInForce>,
+}
+
+/// One policy set over the window: which events it decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyInForce {
+    /// `null` for events written before payloads named their policy.
+    pub hash: Option<String>,
+    pub first_id: i64,
+    pub last_id: i64,
+    pub count: u64,
+}
+
+/// Reads the `policy.hash` of every event matching `filter`, grouped by hash.
+async fn policies_in_force(
+    source: &dyn ChainSource,
+    filter: &EventFilter,
+) -> Result<Vec<PolicyInForce>, ReadError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let collect = async move {
+        let mut policies: Vec<PolicyInForce> = Vec::new();
+        while let Some(rows) = rx.recv().await {
+            for row in rows {
+                let row: super::scan::RawRow = row;
+                let hash = serde_json::from_str::<serde_json::Value>(&row.payload)
+                    .ok()
+                    .and_then(|p| p.pointer("/policy/hash")?.as_str().map(str::to_owned));
+                match policies.iter_mut().find(|p| p.hash == hash) {
+                    Some(policy) => {
+                        policy.first_id = policy.first_id.min(row.id);
+                        policy.last_id = policy.last_id.max(row.id);
+                        policy.count += 1;
+                    }
+                    None => policies.push(PolicyInForce {
+                        hash,
+                        first_id: row.id,
+                        last_id: row.id,
+                        count: 1,
+                    }),
+                }
+            }
+        }
+        policies.sort_by_key(|p| p.first_id);
+        policies
+    };
+    let (streamed, policies) = tokio::join!(source.stream(filter, tx), collect);
+    streamed?;
+    Ok(policies)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +113,7 @@ pub async fn digest(
         ts_window: Some((from, to)),
     };
     let verifier = walk(source, &filter, progress).await?;
+    let policies = policies_in_force(source, &filter).await?;
     let window = day.format("%Y-%m-%d").to_string();
     let digest_hash = canonical::sha256_hex(&json!({
         "window": window,
@@ -80,6 +131,7 @@ pub async fn digest(
         first_hash: verifier.first_hash,
         last_hash: verifier.last_hash,
         digest_hash,
+        policies,
     })
 }
 
@@ -175,7 +227,11 @@ mod tests {
                 actor: "role:nurse".into(),
                 action: "twilio.send_sms".into(),
                 decision: "ALLOW".into(),
-                payload: json!({"i": i}),
+                // Events 0-2 predate `policy`, 3 and 4 name theirs.
+                payload: match i {
+                    0..=2 => json!({"i": i}),
+                    _ => json!({"i": i, "policy": {"hash": format!("h{}", i / 4)}}),
+                },
             })
             .collect();
         let links = link("", &events);
@@ -216,5 +272,27 @@ mod tests {
         assert!(!d.chain_valid);
         let broken = d.first_broken_event.unwrap();
         assert_eq!(broken.id, removed.id + 2);
+    }
+
+    #[tokio::test]
+    async fn the_digest_lists_the_policies_in_force() {
+        let log = Rows(straddling_midnight());
+        let d = digest(&log, day("2026-02-10"), false).await.unwrap();
+        let listed: Vec<(Option<&str>, i64, i64, u64)> = d
+            .policies
+            .iter()
+            .map(|p| (p.hash.as_deref(), p.first_id, p.last_id, p.count))
+            .collect();
+        // Ids 3 (no policy), 7 (h0) and 9 (h1) fall on the 10th.
+        assert_eq!(
+            listed,
+            vec![
+                (None, 3, 3, 1),
+                (Some("h0"), 7, 7, 1),
+                (Some("h1"), 9, 9, 1)
+            ]
+        );
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["policies"][1]["hash"], "h0");
     }
 }

@@ -49,6 +49,13 @@ pub struct VerifyResponse {
     pub violations: Vec<String>,
     pub allowed_outputs: Vec<String>,
     pub reason: String,
+    /// Shadow mode only: the real decision of a call answered ALLOW because
+    /// it is in shadow (`CASF_ENFORCE=false`, or `enforce: false` on its route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_decision: Option<Decision>,
+    /// Shadow mode only: the real decision's violations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_violations: Option<Vec<String>>,
 }
 
 impl VerifyResponse {
@@ -60,6 +67,8 @@ impl VerifyResponse {
                 violations,
                 allowed_outputs,
                 reason: "OK".into(),
+                shadow_decision: None,
+                shadow_violations: None,
             }
         } else {
             let reason = format!("denied: {}", violations.join(", "));
@@ -68,11 +77,32 @@ impl VerifyResponse {
                 violations,
                 allowed_outputs: Vec::new(),
                 reason,
+                shadow_decision: None,
+                shadow_violations: None,
             }
         }
     }
 
     pub fn deny(violation: &str) -> Self {
         Self::from_violations(vec![violation.to_owned()], Vec::new())
+    }
+
+    /// The answer to a call in shadow: ALLOW, with the real decision and
+    /// violations beside it for the caller to see.
+    pub fn shadowed(self) -> Self {
+        VerifyResponse {
+            decision: Decision::Allow,
+            violations: Vec::new(),
+            allowed_outputs: self.allowed_outputs,
+            reason: format!("shadow: {}", self.reason),
+            shadow_decision: Some(self.decision),
+            shadow_violations: Some(self.violations),
+        }
+    }
+
+    /// Whether a dependency (or the verifier itself) failed and the call was
+    /// denied for that: shadow never turns these into ALLOW.
+    pub fn failed_closed(&self) -> bool {
+        self.violations.iter().any(|v| v == violation::FAIL_CLOSED)
     }
 }

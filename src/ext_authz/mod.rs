@@ -43,14 +43,15 @@ enum Outcome {
     },
 }
 
+/// The route map is the pipeline's live one (reloaded with the policy), read
+/// once per Check so that translation and decision use the same policy set.
 pub struct ExtAuthz {
     pipeline: Arc<Pipeline>,
-    routes: Arc<RouteMap>,
 }
 
 impl ExtAuthz {
-    pub fn new(pipeline: Arc<Pipeline>, routes: Arc<RouteMap>) -> Self {
-        ExtAuthz { pipeline, routes }
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        ExtAuthz { pipeline }
     }
 
     /// The caller's request id, for answers that have no tool call.
@@ -64,7 +65,7 @@ impl ExtAuthz {
             .unwrap_or_default()
     }
 
-    fn answer(&self, outcome: Outcome) -> CheckResponse {
+    fn answer(&self, outcome: Outcome, routes: &RouteMap) -> CheckResponse {
         match outcome {
             Outcome::Decided {
                 request_id,
@@ -74,11 +75,17 @@ impl ExtAuthz {
                     &verdict.response,
                     &request_id,
                     verdict.audit.as_ref().map(|receipt| receipt.hash.as_str()),
-                    &self.routes.identity.headers,
+                    &routes.identity.headers,
                 );
-                match verdict.floor_applied {
+                let answer = match verdict.floor_applied {
                     Some(mode) => respond::with_mode_applied(answer, mode),
                     None => answer,
+                };
+                match verdict.response.shadow_decision {
+                    Some(real) if verdict.shadow => {
+                        respond::with_shadow_decision(answer, real, &verdict.response)
+                    }
+                    _ => answer,
                 }
             }
             Outcome::Refused {
@@ -147,12 +154,14 @@ impl Authorization for ExtAuthz {
         let peer = request.extensions().get::<PeerIdentity>().cloned();
         let check = request.into_inner();
         let request_id = Self::request_id(&check);
+        let set = self.pipeline.live().current();
+        let routes = set.routes.clone();
         // Who is calling, before what the call means: the verified JWT's
         // subject, else the peer's certificate (see `crate::callers`).
         let caller = match self.pipeline.callers() {
             None => None,
             Some(callers) => {
-                let subject = translate::jwt_subject(&self.routes, &check);
+                let subject = translate::jwt_subject(&routes, &check);
                 match callers
                     .current()
                     .authenticate_envoy(subject.as_deref(), peer.as_ref())
@@ -160,7 +169,7 @@ impl Authorization for ExtAuthz {
                     Ok(caller) => Some(caller),
                     Err(reason) => {
                         let outcome = Outcome::Unauthenticated { request_id, reason };
-                        return Ok(Response::new(self.answer(outcome)));
+                        return Ok(Response::new(self.answer(outcome, &routes)));
                     }
                 }
             }
@@ -169,21 +178,21 @@ impl Authorization for ExtAuthz {
         // and answered as an explicit deny rather than a dropped stream. The
         // decision itself runs in the pipeline's own task, which turns its
         // panics into fail-closed denies and finishes even when Envoy cancels.
-        let translated = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            translate::tool_call(&self.routes, &check)
-        }));
+        let translated =
+            std::panic::catch_unwind(AssertUnwindSafe(|| translate::tool_call(&routes, &check)));
         let outcome = match translated {
             Ok(Ok(request)) => Outcome::Decided {
                 request_id: request.request_id.as_str().to_owned(),
                 verdict: self
                     .pipeline
-                    .decide_traced(
+                    .decide_with(
                         match caller {
                             Some(caller) => request.with_caller(caller),
                             None => request,
                         },
                         Door::ExtAuthz,
                         translate::trace_parent(&check),
+                        set,
                     )
                     .await,
             },
@@ -194,7 +203,7 @@ impl Authorization for ExtAuthz {
                 return Ok(Response::new(response));
             }
         };
-        Ok(Response::new(self.answer(outcome)))
+        Ok(Response::new(self.answer(outcome, &routes)))
     }
 }
 
@@ -232,6 +241,14 @@ mod tests {
             1024,
         ));
         let metrics = Arc::new(crate::metrics::Metrics::new());
+        let routes = RouteMap::parse(
+            "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
+        )
+        .unwrap();
+        let live = crate::policy::live::LivePolicy::fixed(crate::policy::live::PolicySet::fixed(
+            Arc::new(Panics),
+            routes,
+        ));
         let pipeline = Pipeline::new(
             Arc::new(Panics),
             None,
@@ -239,12 +256,9 @@ mod tests {
             None,
             metrics.clone(),
             SmsLimit::default(),
-        );
-        let routes = RouteMap::parse(
-            "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
         )
-        .unwrap();
-        let door = ExtAuthz::new(Arc::new(pipeline), Arc::new(routes));
+        .with_live_policy(Arc::new(live));
+        let door = ExtAuthz::new(Arc::new(pipeline));
         let check = CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(AttrRequest {

@@ -115,7 +115,12 @@ pub fn decision(
             header(DECISION_HEADER, response.decision.as_str()),
             header(REQUEST_ID_HEADER, request_id),
         ];
-        let mut headers_to_remove = vec![identity.role.clone(), identity.tenant_id.clone()];
+        // A client must not be able to pose as a shadowed call either.
+        let mut headers_to_remove = vec![
+            identity.role.clone(),
+            identity.tenant_id.clone(),
+            SHADOW_DECISION_HEADER.to_owned(),
+        ];
         if response.allowed_outputs.is_empty() {
             headers_to_remove.push(ALLOWED_OUTPUTS_HEADER.to_owned());
         } else {
@@ -212,6 +217,43 @@ fn denied(
     }
 }
 
+/// The real decision of a call in shadow, on the request sent upstream
+/// (and on `/verify` answers).
+pub const SHADOW_DECISION_HEADER: &str = "x-casf-shadow-decision";
+
+/// An ALLOW answered because the call is in shadow: the upstream gets
+/// [`SHADOW_DECISION_HEADER`] with the real decision, and the dynamic
+/// metadata gains `shadow_decision` and `shadow_violations`.
+pub fn with_shadow_decision(
+    mut response: CheckResponse,
+    real: Decision,
+    answered: &VerifyResponse,
+) -> CheckResponse {
+    if let Some(HttpResponse::OkResponse(ok)) = &mut response.http_response {
+        ok.headers_to_remove.retain(|h| h != SHADOW_DECISION_HEADER);
+        ok.headers
+            .push(header(SHADOW_DECISION_HEADER, real.as_str()));
+    }
+    if let Some(metadata) = &mut response.dynamic_metadata {
+        let string = |s: &str| PbValue {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        metadata
+            .fields
+            .insert("shadow_decision".to_owned(), string(real.as_str()));
+        let violations = answered.shadow_violations.as_deref().unwrap_or_default();
+        metadata.fields.insert(
+            "shadow_violations".to_owned(),
+            PbValue {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: violations.iter().map(|v| string(v)).collect(),
+                })),
+            },
+        );
+    }
+    response
+}
+
 /// `response` with [`MODE_APPLIED_HEADER`]: to the upstream on ALLOW, to
 /// the caller otherwise.
 pub fn with_mode_applied(mut response: CheckResponse, mode: Mode) -> CheckResponse {
@@ -292,12 +334,39 @@ mod tests {
         );
         assert_eq!(
             ok.headers_to_remove,
-            vec!["x-casf-role", "x-casf-tenant-id"]
+            vec!["x-casf-role", "x-casf-tenant-id", "x-casf-shadow-decision"]
         );
         assert_eq!(
             meta(&r),
             json!({"decision": "ALLOW", "violations": [], "request_id": "r-1", "audit_hash": "abc"})
         );
+    }
+
+    #[test]
+    fn a_shadowed_allow_carries_the_real_decision_upstream_and_in_metadata() {
+        let answered = VerifyResponse::deny("Mode_KillSwitch").shadowed();
+        let r = with_shadow_decision(
+            decision(&answered, "r-1", None, &IdentityHeaders::default()),
+            Decision::Deny,
+            &answered,
+        );
+        let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
+            panic!("not allowed: {r:?}")
+        };
+        assert!(ok.headers.iter().any(|h| {
+            h.header
+                .as_ref()
+                .is_some_and(|h| h.key == SHADOW_DECISION_HEADER && h.value == "DENY")
+        }));
+        assert!(
+            !ok.headers_to_remove
+                .iter()
+                .any(|h| h == SHADOW_DECISION_HEADER)
+        );
+        let meta = meta(&r);
+        assert_eq!(meta["decision"], "ALLOW");
+        assert_eq!(meta["shadow_decision"], "DENY");
+        assert_eq!(meta["shadow_violations"], json!(["Mode_KillSwitch"]));
     }
 
     #[test]

@@ -112,6 +112,14 @@ struct RawRoute {
     method: String,
     path: String,
     tool: String,
+    /// `false` puts the route's tool in shadow: decided and audited, but
+    /// answered ALLOW (see `crate::pipeline`).
+    #[serde(default = "enforce_by_default")]
+    enforce: bool,
+}
+
+fn enforce_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +170,7 @@ struct Route {
     template: String,
     segments: Vec<Segment>,
     tool: Tool,
+    enforce: bool,
 }
 
 /// A request path matched to a tool, with its path parameters decoded.
@@ -245,6 +254,21 @@ impl RouteMap {
                     route.method, route.template, other.method, other.template
                 ));
             }
+            // `/verify` has no route, only a tool: shadow is per tool, so
+            // every route of a tool must say the same.
+            if let Some(other) = routes
+                .iter()
+                .find(|r| r.tool == route.tool && r.enforce != route.enforce)
+            {
+                return Err(format!(
+                    "routes[{index}]: enforce: {} for {}, but {} {} says enforce: {}; every route of a tool must agree",
+                    route.enforce,
+                    route.tool.as_str(),
+                    other.method,
+                    other.template,
+                    other.enforce
+                ));
+            }
             routes.push(route);
         }
         Ok(RouteMap {
@@ -261,6 +285,20 @@ impl RouteMap {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// False when the routes of `tool` say `enforce: false` (the tool is in
+    /// shadow); a tool no route names is enforced.
+    pub fn enforced(&self, tool: Tool) -> bool {
+        self.routes
+            .iter()
+            .find(|route| route.tool == tool)
+            .is_none_or(|route| route.enforce)
+    }
+
+    /// How many routes say `enforce: false`.
+    pub fn shadowed_routes(&self) -> usize {
+        self.routes.iter().filter(|route| !route.enforce).count()
     }
 
     /// Whether a path parameter of this name belongs in `subject`.
@@ -400,6 +438,7 @@ fn parse_route(raw: RawRoute) -> Result<Route, String> {
         template: raw.path,
         segments,
         tool,
+        enforce: raw.enforce,
     })
 }
 
@@ -559,5 +598,26 @@ routes:
             let err = RouteMap::parse(text).unwrap_err();
             assert!(err.contains(expected), "{expected:?} not in {err:?}");
         }
+    }
+
+    #[test]
+    fn enforce_false_puts_a_tool_in_shadow_and_routes_of_a_tool_must_agree() {
+        let shadow = RouteMap::parse(
+            "mode: {default: ALLOW}\nroutes:\n- {method: GET, path: /a, tool: twilio.send_sms, enforce: false}\n- {method: POST, path: /a, tool: twilio.send_sms, enforce: false}\n- {method: GET, path: /b, tool: stripe.generate_invoice}",
+        )
+        .unwrap();
+        assert!(!shadow.enforced(Tool::SendSms));
+        assert!(shadow.enforced(Tool::GenerateInvoice));
+        assert!(shadow.enforced(Tool::SummaryHistory), "no route: enforced");
+        assert_eq!(shadow.shadowed_routes(), 2);
+        assert_eq!(map().shadowed_routes(), 0);
+        let err = RouteMap::parse(
+            "mode: {default: ALLOW}\nroutes:\n- {method: GET, path: /a, tool: twilio.send_sms, enforce: false}\n- {method: POST, path: /a, tool: twilio.send_sms}",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("routes[1]") && err.contains("must agree"),
+            "{err}"
+        );
     }
 }

@@ -160,6 +160,7 @@ mod tests {
             redactor: Redactor::default(),
             spool_depth: None,
             callers: None,
+            enforcement: None,
         });
         let (drain, draining) = watch::channel(false);
         (GrpcHealth::new(readiness, draining), policy, drain)

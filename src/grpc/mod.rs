@@ -13,7 +13,6 @@ use tokio::sync::watch;
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::ext_authz::ExtAuthz;
-use crate::ext_authz::routes::RouteMap;
 use crate::health::Readiness;
 use crate::pipeline::Pipeline;
 use health::GrpcHealth;
@@ -48,7 +47,6 @@ pub async fn serve(
     listener: TcpListener,
     limits: crate::connections::ConnectionLimits,
     pipeline: Arc<Pipeline>,
-    routes: Arc<RouteMap>,
     readiness: Arc<Readiness>,
     draining: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()>,
@@ -65,7 +63,7 @@ pub async fn serve(
         // A peer gone silent is found by pings, then closed by the idle timeout.
         .http2_keepalive_interval(Some(limits.idle_timeout / 2))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(AuthorizationServer::new(ExtAuthz::new(pipeline, routes)))
+        .add_service(AuthorizationServer::new(ExtAuthz::new(pipeline)))
         .add_service(HealthServer::new(GrpcHealth::new(readiness, draining)))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

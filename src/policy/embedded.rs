@@ -122,6 +122,15 @@ impl EmbeddedPolicy {
         Self::build("<inline sources>", sources.to_vec())
     }
 
+    /// Loads policies from `(file name, rego source)` pairs read from
+    /// `origin` (named in errors), as Rego v1.
+    pub fn from_named_sources(
+        origin: &str,
+        sources: Vec<(String, String)>,
+    ) -> Result<Self, PolicyLoadError> {
+        Self::build(origin, sources)
+    }
+
     fn build(origin: &str, sources: Vec<(String, String)>) -> Result<Self, PolicyLoadError> {
         if sources.is_empty() {
             return Err(PolicyLoadError::NoPolicies {

@@ -11,6 +11,7 @@ pub mod compiled;
 #[cfg(test)]
 mod differential_tests;
 pub mod embedded;
+pub mod live;
 pub mod opa;
 mod pool;
 pub mod subset;

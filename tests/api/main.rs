@@ -20,6 +20,7 @@ mod otel;
 #[path = "../support/otlp_receiver.rs"]
 mod otlp_receiver;
 mod pg;
+mod policy_reload;
 mod postgres_audit;
 mod production;
 mod properties_pg;

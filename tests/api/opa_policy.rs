@@ -35,11 +35,13 @@ async fn opa_decides_every_contract_row_like_the_embedded_engine() {
     let opa_url = required_env("CASF_TEST_OPA_URL");
     let opa = spawn_app_with(&[("OPA_URL", opa_url.as_str())]).await;
     let embedded = spawn_app().await;
-    let (status, body) = healthz(&opa).await;
+    let (status, mut body) = healthz(&opa).await;
     assert_eq!(status, 200, "{body}");
+    let checks = body["checks"].as_object_mut().unwrap();
+    assert!(checks.remove("policy_hash").is_some_and(|h| h.is_string()));
     assert_eq!(
         body["checks"],
-        json!({"sqlite": "ok", "memory": "ok", "opa": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}})
+        json!({"sqlite": "ok", "memory": "ok", "opa": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}, "shadow": "off"})
     );
 
     for tool in WRITE_TOOLS.iter().chain(&READ_TOOLS) {

@@ -24,9 +24,12 @@ async fn healthz_lists_each_embedded_component() {
     let app = spawn_app().await;
     let (status, body) = app.get("/healthz").await;
     assert_eq!(status, 200, "{body}");
+    let mut body = serde_json::from_str::<Value>(&body).unwrap();
+    let checks = body["checks"].as_object_mut().unwrap();
+    assert!(checks.remove("policy_hash").is_some_and(|h| h.is_string()));
     assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"status": "ok", "checks": {"sqlite": "ok", "memory": "ok", "regorus": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}}})
+        body,
+        json!({"status": "ok", "checks": {"sqlite": "ok", "memory": "ok", "regorus": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}, "shadow": "off"}})
     );
     let app = spawn_app_with(&[("CASF_DISABLE_AUDIT", "1")]).await;
     let (_, body) = app.get("/healthz").await;
@@ -113,13 +116,31 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
     );
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
     let allowed = [
-        "decision", "trigger", "kind", "door", "reason", "le", "mode", "result",
+        "decision",
+        "trigger",
+        "kind",
+        "door",
+        "reason",
+        "le",
+        "mode",
+        "result",
+        "scope",
+        "live",
+        "candidate",
     ];
-    // casf_build_info's two labels have one value per binary.
-    for sample in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("casf_build_info{"))
-    {
+    // casf_build_info's two labels have one value per binary, and
+    // casf_policy_info's hash one series (the live policy's).
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("casf_policy_info{"))
+            .count(),
+        1
+    );
+    for sample in text.lines().filter(|l| {
+        !l.starts_with('#')
+            && !l.starts_with("casf_build_info{")
+            && !l.starts_with("casf_policy_info{")
+    }) {
         let Some(labels) = sample
             .split_once('{')
             .map(|(_, rest)| rest.split('}').next().unwrap_or_default())

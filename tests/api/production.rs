@@ -24,9 +24,16 @@ async fn every_contract_row_through_postgres_redis_and_opa() {
         "{persistence}"
     );
     checks.as_object_mut().unwrap().remove("redis_persistence");
+    assert!(
+        checks
+            .as_object_mut()
+            .unwrap()
+            .remove("policy_hash")
+            .is_some_and(|h| h.is_string())
+    );
     assert_eq!(
         checks,
-        json!({"postgres": "ok", "redis": "ok", "opa": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}})
+        json!({"postgres": "ok", "redis": "ok", "opa": "ok", "callers": {"authenticated": false, "warning": "CASF_CALLERS is unset: callers are not authenticated and may claim any role, tenant or tool"}, "shadow": "off"})
     );
 
     let decided = crate::contract::assert_decision_table(&app).await

@@ -362,3 +362,83 @@ async fn one_audit_chain_holds_verify_and_envoy_decisions_and_verifies() {
     assert_eq!(output.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("chain valid: 4 events"), "{stdout}");
 }
+
+/// A write denied in READ_ONLY, as an invoice through Envoy.
+fn read_only_invoice(stack: &Stack) -> reqwest::RequestBuilder {
+    stack
+        .request(Method::POST, "/stripe/patients/p-1/invoices")
+        .header("x-casf-role", "billing")
+        .header("x-casf-tenant-id", "clinic-a")
+        .header("x-casf-mode", "READ_ONLY")
+        // Forged by the client: must not survive to the upstream.
+        .header("x-casf-shadow-decision", "FORGED")
+        .header("content-type", "application/json")
+        .body(r#"{"amount": 120}"#)
+}
+
+#[tokio::test]
+async fn global_shadow_lets_a_denied_call_reach_the_upstream_with_the_real_decision() {
+    let stack = Stack::start_with(
+        &crate::harness::routes_yaml(true),
+        &[("CASF_ENFORCE", "false")],
+    )
+    .await;
+    let (status, body, _) = read(read_only_invoice(&stack)).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"upstream": "ok"}"#));
+    let seen = stack.upstream.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].headers["x-casf-decision"], "ALLOW");
+    assert_eq!(seen[0].headers["x-casf-shadow-decision"], "DENY");
+    let rows = stack.verifier.audit_rows().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].3["response"]["decision"], "DENY");
+    assert_eq!(rows[0].3["shadow"], true);
+}
+
+#[tokio::test]
+async fn a_route_in_shadow_reaches_the_upstream_and_the_others_are_enforced() {
+    let mut map: serde_norway::Value =
+        serde_norway::from_str(&crate::harness::routes_yaml(true)).unwrap();
+    for route in map["routes"].as_sequence_mut().unwrap() {
+        if route["tool"] == "stripe.generate_invoice" {
+            route["enforce"] = serde_norway::Value::Bool(false);
+        }
+    }
+    let stack = Stack::start_with(&serde_norway::to_string(&map).unwrap(), &[]).await;
+    let (status, _, _) = read(read_only_invoice(&stack)).await;
+    assert_eq!(status, 200);
+    let seen = stack.upstream.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].headers["x-casf-shadow-decision"], "DENY");
+
+    // Another write in READ_ONLY is denied as usual.
+    let (status, body, _) = read(
+        stack
+            .request(Method::POST, "/cliniccloud/patients/p-1/appointments")
+            .header("x-casf-role", "receptionist")
+            .header("x-casf-tenant-id", "clinic-a")
+            .header("x-casf-mode", "READ_ONLY")
+            .header("content-type", "application/json")
+            .body(r#"{"slot": "2026-12-01T09:00"}"#),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(stack.upstream.requests().len(), 1);
+
+    // An enforced ALLOW never carries the header, even a forged one.
+    let (status, _, _) = read(
+        stack
+            .request(Method::GET, "/cliniccloud/patients/p-1/history")
+            .header("x-casf-role", "nurse")
+            .header("x-casf-tenant-id", "clinic-a")
+            .header("x-casf-shadow-decision", "FORGED"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = stack.upstream.requests();
+    assert!(
+        !seen[1].headers.contains_key("x-casf-shadow-decision"),
+        "{:?}",
+        seen[1].headers
+    );
+}

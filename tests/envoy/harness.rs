@@ -93,6 +93,11 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn start(routes_yaml: &str) -> Verifier {
+        Self::start_with(routes_yaml, &[])
+    }
+
+    /// [`Self::start`] with more environment variables.
+    pub fn start_with(routes_yaml: &str, env: &[(&str, &str)]) -> Verifier {
         let dir = tempfile::tempdir().unwrap();
         let routes = dir.path().join("routes.yaml");
         std::fs::write(&routes, routes_yaml).unwrap();
@@ -107,6 +112,7 @@ impl Verifier {
             .env("CASF_ROUTES", &routes)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -482,8 +488,13 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(trust_headers: bool) -> Stack {
+        Self::start_with(&routes_yaml(trust_headers), &[]).await
+    }
+
+    /// A stack whose verifier has this route map and environment.
+    pub async fn start_with(routes_yaml: &str, env: &[(&str, &str)]) -> Stack {
         let _ = envoy_bin();
-        let verifier = Verifier::start(&routes_yaml(trust_headers));
+        let verifier = Verifier::start_with(routes_yaml, env);
         let upstream = Upstream::start().await;
         let idp = Idp::new();
         let envoy = Envoy::start(verifier.grpc_port, upstream.port, &idp).await;
