@@ -158,7 +158,7 @@ mod tests {
             state,
             policy: policy.clone(),
             redactor: Redactor::default(),
-            spool_depth: None,
+            spool: None,
         });
         let (drain, draining) = watch::channel(false);
         (GrpcHealth::new(readiness, draining), policy, drain)
