@@ -147,6 +147,11 @@ add("scripts/bench.sh            # this file, about 10 minutes")
 add("cargo bench --bench micro   # criterion micro-benchmarks (parse, hash, policy, whole pipeline)")
 add("cargo run --release --example loadgen -- --help")
 add("```\n")
+# The last `scripts/bench.sh --interleave` run, kept across full runs (a
+# full run has one pair of Envoy rows, not the rounds the targets need).
+interleaved = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "interleave.md")
+if os.path.exists(interleaved) and not smoke:
+    add(open(interleaved).read().rstrip() + "\n")
 notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "notes.md")
 if os.path.exists(notes):
     add(open(notes).read().rstrip() + "\n")

@@ -226,6 +226,12 @@ pub const VARIABLES: &[Variable] = &[
         "bound of the audit spool file (256 MiB)",
     ),
     var(
+        "CASF_AUDIT_SPOOL_MODE",
+        "audit-spool-mode",
+        "outage",
+        "outage: spool only what PostgreSQL cannot take; always: the synced spool is every decision's commit point, shipped to PostgreSQL in the background (needs CASF_AUDIT_SPOOL)",
+    ),
+    var(
         "CASF_AUDIT_STRICT",
         "audit-strict",
         "false",
@@ -487,6 +493,9 @@ pub struct Settings {
     pub audit_spool_max_bytes: u64,
     /// `CASF_AUDIT_STRICT`.
     pub audit_strict: bool,
+    /// `CASF_AUDIT_SPOOL_MODE`; `always` is refused without a spool and a
+    /// PostgreSQL audit trail.
+    pub audit_spool_mode: crate::audit::spool::SpoolMode,
     /// What one client connection may hold, per door.
     pub connections: crate::connections::ConnectionLimits,
     /// `CASF_ENFORCE`: false is shadow mode.
@@ -635,6 +644,7 @@ impl Settings {
                 })
             }
         };
+        let audit_spool_mode = spool_mode(&get, &audit)?;
         Ok(Settings {
             http_addr,
             grpc_addr,
@@ -685,6 +695,7 @@ impl Settings {
             audit_strict: parse_bool("CASF_AUDIT_STRICT", get("CASF_AUDIT_STRICT")?, false)?,
             enforce: parse_bool("CASF_ENFORCE", get("CASF_ENFORCE")?, true)?,
             policy_candidate_dir: get("CASF_POLICY_CANDIDATE_DIR")?.map(PathBuf::from),
+            audit_spool_mode,
             connections: crate::connections::ConnectionLimits {
                 header_timeout: parse_seconds(
                     "CASF_HTTP_HEADER_TIMEOUT_SECONDS",
@@ -782,6 +793,37 @@ fn client_tls(
         (None, Some(_)) => Err(invalid(cert, format!("must be set with {key}"))),
         _ => Ok(files),
     }
+}
+
+/// `CASF_AUDIT_SPOOL_MODE`. `always` makes the spool the commit point, so
+/// it needs one (`CASF_AUDIT_SPOOL`) and a PostgreSQL trail to ship to:
+/// asked for and silently not given, it would be a promise not kept.
+fn spool_mode(
+    get: &Lookup<'_>,
+    audit: &AuditBackend,
+) -> Result<crate::audit::spool::SpoolMode, ConfigError> {
+    use crate::audit::spool::SpoolMode;
+    const VAR: &str = "CASF_AUDIT_SPOOL_MODE";
+    let mode = match get(VAR)? {
+        None => return Ok(SpoolMode::default()),
+        Some(raw) => SpoolMode::parse(&raw)
+            .ok_or_else(|| invalid(VAR, format!("expected outage or always, got {raw:?}")))?,
+    };
+    if mode == SpoolMode::Always {
+        if get("CASF_AUDIT_SPOOL")?.is_none() {
+            return Err(invalid(
+                VAR,
+                "always needs CASF_AUDIT_SPOOL (the directory of the local spool) to be set",
+            ));
+        }
+        if !matches!(audit, AuditBackend::Postgres { .. }) {
+            return Err(invalid(
+                VAR,
+                "always needs a PostgreSQL audit trail (PG_DSN) to ship the spool to",
+            ));
+        }
+    }
+    Ok(mode)
 }
 
 fn parse_bool(var: &'static str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
@@ -973,6 +1015,33 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(s.state, StateBackend::Redis { .. }));
+    }
+
+    #[test]
+    fn the_always_spool_mode_needs_a_spool_and_postgres() {
+        use crate::audit::spool::SpoolMode;
+        let pg = ("PG_DSN", "postgres://casf:pw@127.0.0.1:5432/casf");
+        let spool = ("CASF_AUDIT_SPOOL", "/var/lib/casf/spool");
+        assert_eq!(settings(&[]).unwrap().audit_spool_mode, SpoolMode::Outage);
+        let always = ("CASF_AUDIT_SPOOL_MODE", "always");
+        assert_eq!(
+            settings(&[pg, spool, always]).unwrap().audit_spool_mode,
+            SpoolMode::Always
+        );
+        let no_spool = settings(&[pg, always]).unwrap_err();
+        assert_eq!(no_spool.var, "CASF_AUDIT_SPOOL_MODE");
+        assert!(
+            no_spool.to_string().contains("CASF_AUDIT_SPOOL "),
+            "{no_spool}"
+        );
+        let sqlite = settings(&[spool, always]).unwrap_err();
+        assert!(sqlite.to_string().contains("PG_DSN"), "{sqlite}");
+        assert_eq!(
+            settings(&[pg, spool, ("CASF_AUDIT_SPOOL_MODE", "sometimes")])
+                .unwrap_err()
+                .var,
+            "CASF_AUDIT_SPOOL_MODE"
+        );
     }
 
     #[test]

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use prometheus_client::metrics::gauge::Gauge;
-
 use crate::audit::AuditLog;
+use crate::audit::spool::SpoolMode;
 use crate::callers::Callers;
 use crate::config::Redactor;
+use crate::metrics::SpoolMetrics;
 use crate::policy::PolicyEngine;
 use crate::state::ReplayGuard;
 
@@ -31,10 +31,11 @@ pub struct Readiness {
     pub state: Arc<dyn ReplayGuard>,
     pub policy: Arc<dyn PolicyEngine>,
     pub redactor: Redactor,
-    /// `casf_audit_spool_depth`, when `CASF_AUDIT_SPOOL` is in use. Shown,
+    /// The spool's depth and lag, when `CASF_AUDIT_SPOOL` is in use. Shown,
     /// never a reason to be unready: a deep spool is PostgreSQL's outage,
-    /// which the audit check already reports.
-    pub spool_depth: Option<Gauge>,
+    /// which the audit check already reports (in `always` mode as well, as
+    /// the guide has `/healthz` check PostgreSQL).
+    pub spool: Option<SpoolView>,
     /// `CASF_CALLERS`; `None` when callers are not authenticated, which the
     /// checks say (a warning, not a failure: that is the guide's behaviour).
     pub callers: Option<Arc<Callers>>,
@@ -65,6 +66,12 @@ impl Enforcement {
     }
 }
 
+/// What `/healthz` shows of the audit spool.
+pub struct SpoolView {
+    pub metrics: SpoolMetrics,
+    pub mode: SpoolMode,
+}
+
 /// Result of one readiness pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -80,8 +87,10 @@ impl Readiness {
         match &self.audit {
             Some(audit) => {
                 if let Err(detail) = self.probe(audit.backend(), audit.ping()).await {
-                    return Health::NotReady(match &self.spool_depth {
-                        Some(depth) => format!("{detail} (audit spool depth {})", depth.get()),
+                    return Health::NotReady(match &self.spool {
+                        Some(spool) => {
+                            format!("{detail} (audit spool depth {})", spool.metrics.depth.get())
+                        }
                         None => detail,
                     });
                 }
@@ -91,8 +100,15 @@ impl Readiness {
                 checks.insert("audit".into(), "disabled".into());
             }
         }
-        if let Some(depth) = &self.spool_depth {
-            checks.insert("audit_spool".into(), json!({"depth": depth.get()}));
+        if let Some(spool) = &self.spool {
+            checks.insert(
+                "audit_spool".into(),
+                json!({
+                    "depth": spool.metrics.depth.get(),
+                    "lag_seconds": spool.metrics.lag_seconds.get(),
+                    "mode": spool.mode.as_str(),
+                }),
+            );
         }
         if let Err(detail) = self.probe(self.state.backend(), self.state.ping()).await {
             return Health::NotReady(detail);

@@ -407,6 +407,9 @@ pub struct SpoolMetrics {
     pub lost: Counter,
     /// `casf_audit_spool_depth`: events in the spool, not yet in the chain.
     pub depth: Gauge,
+    /// `casf_audit_spool_lag_seconds`: age of the oldest of them (0 when
+    /// none): how far the chain is behind the answers.
+    pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -506,6 +509,11 @@ impl Metrics {
             "casf_audit_spool_depth",
             "Audit events in the local spool, not yet drained into the chain",
             m.spool.depth.clone(),
+        );
+        registry.register(
+            "casf_audit_spool_lag_seconds",
+            "Age of the oldest audit event in the local spool, not yet in the chain (0 when none)",
+            m.spool.lag_seconds.clone(),
         );
         registry.register(
             "casf_audit_lost",

@@ -64,7 +64,9 @@ impl Default for SmsLimit {
 #[derive(Debug, Clone)]
 pub struct Verdict {
     pub response: VerifyResponse,
-    /// The audit event of this decision, when it was appended.
+    /// The audit event of this decision, when it was appended to the chain
+    /// (`None` also when `CASF_AUDIT_SPOOL_MODE=always` made the synced
+    /// spool its commit point: it reaches the chain after the answer).
     pub audit: Option<AppendReceipt>,
     /// The mode the decision ran under, when the operator's floor made it
     /// stricter than the caller's (doors show it as `x-casf-mode-applied`).
@@ -769,7 +771,7 @@ impl Pipeline {
         match appended {
             Ok(receipt) => Verdict {
                 response,
-                audit: Some(receipt),
+                audit: receipt,
                 floor_applied,
                 shadow,
             },

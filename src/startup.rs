@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::audit::postgres::{PostgresAuditLog, PostgresChainReader};
 use crate::audit::scan::{ChainSource, ReadError};
-use crate::audit::spool::Spool;
+use crate::audit::spool::{Spool, SpoolMode};
 use crate::audit::sqlite::{SqliteAuditLog, SqliteChainReader};
 use crate::audit::writer::{AuditWriter, SpoolSetup};
 use crate::audit::{AuditError, AuditLog};
@@ -98,10 +98,14 @@ fn open_spool(
     }
     let spool = Spool::open(dir, settings.audit_spool_max_bytes)
         .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    if settings.audit_spool_mode == SpoolMode::Always {
+        tracing::info!(path = %dir.display(), "audit spool mode always: each decision commits to the local spool, shipped to PostgreSQL in the background");
+    }
     Ok(Some(SpoolSetup {
         spool,
         strict: settings.audit_strict,
         metrics: metrics.spool(),
+        mode: settings.audit_spool_mode,
     }))
 }
 
@@ -328,7 +332,10 @@ impl Application {
         let checkpoints = checkpoint_schedule(settings).await?;
         let mut metrics = Metrics::new();
         let spool = open_spool(settings, audit_log.as_deref(), &metrics)?;
-        let spool_depth = spool.as_ref().map(|s| s.metrics.depth.clone());
+        let spool_view = spool.as_ref().map(|s| crate::health::SpoolView {
+            metrics: s.metrics.clone(),
+            mode: s.mode,
+        });
         let (writer, audit_task) = match &audit_log {
             Some(log) => {
                 let (writer, task) =
@@ -414,7 +421,7 @@ impl Application {
             state: replay,
             policy,
             redactor: Redactor::new(settings.secrets()),
-            spool_depth,
+            spool: spool_view,
             callers: callers.clone(),
             enforcement: Some(crate::health::Enforcement {
                 live: live.clone(),

@@ -10,10 +10,19 @@
 //! empties it, and a torn tail is the only damage a crash can leave, which
 //! the checksum and the final newline detect; [`Spool::open`] cuts it off.
 //!
-//! The audit writer is the only user (one thread), so there is no locking.
+//! With `CASF_AUDIT_SPOOL_MODE=always` ([`SpoolMode::Always`]) every event
+//! goes through the spool: it is the commit point of each decision, and a
+//! shipper ships it to PostgreSQL behind the answer.
+//!
+//! The spool sits behind one mutex, held for file operations only (never
+//! across a PostgreSQL round trip): the audit writer appends, and the drain
+//! (on the writer's thread, or the shipper's in `always` mode) reads.
 //! Draining reads from a remembered offset; the file is truncated once every
-//! record has reached the chain. Records drained before a crash are drained
-//! again on restart and skipped by `event_id`.
+//! record has reached the chain, and compacted (the undrained tail copied to
+//! a new file renamed over it) once the drained head passes
+//! [`COMPACT_BYTES`], so a spool that never quite empties under steady load
+//! does not grow. Records drained before a crash are drained again on
+//! restart and skipped by `event_id`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -27,8 +36,42 @@ use super::NewEvent;
 
 /// The spool file inside `CASF_AUDIT_SPOOL`.
 pub const FILE_NAME: &str = "audit-spool.jsonl";
+/// Extension of the file a compaction writes before renaming it.
+const COMPACTING: &str = "jsonl.compacting";
 /// `CASF_AUDIT_SPOOL_MAX_BYTES` default: 256 MiB, about 100,000 decisions.
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Drained bytes at the head of the file before it is compacted (or half
+/// of `max_bytes`, if that is less): about 1,500 decisions, a rewrite of
+/// the small undrained tail every second or two at 1,000 decisions a second.
+pub const COMPACT_BYTES: u64 = 1024 * 1024;
+
+/// `CASF_AUDIT_SPOOL_MODE`: when an event goes through the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpoolMode {
+    /// Only when PostgreSQL cannot take it (the default).
+    #[default]
+    Outage,
+    /// Always: the synced spool is the commit point of every decision, and
+    /// events are shipped to PostgreSQL in the background, in order.
+    Always,
+}
+
+impl SpoolMode {
+    pub const ALL: [SpoolMode; 2] = [SpoolMode::Outage, SpoolMode::Always];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpoolMode::Outage => "outage",
+            SpoolMode::Always => "always",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|mode| mode.as_str().eq_ignore_ascii_case(raw.trim()))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -132,6 +175,9 @@ pub struct Spool {
     /// Records from `drained_to` to the end.
     depth: u64,
     max_bytes: u64,
+    /// A compaction renamed the file but could not reopen it: appends are
+    /// refused rather than written to the unlinked old file.
+    broken: bool,
 }
 
 impl Spool {
@@ -145,6 +191,8 @@ impl Spool {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
+        // A compaction that crashed before its rename left the spool whole.
+        let _ = std::fs::remove_file(path.with_extension(COMPACTING));
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -188,6 +236,7 @@ impl Spool {
             drained_to: 0,
             depth,
             max_bytes,
+            broken: false,
         })
     }
 
@@ -219,6 +268,11 @@ impl Spool {
             buf.push(b'\n');
         }
         let more = buf.len() as u64;
+        if self.broken {
+            return Err(self.io(std::io::Error::other(
+                "spool file lost after a failed compaction; restart to reopen it",
+            )));
+        }
         if self.len + more > self.max_bytes {
             return Err(SpoolError::Full {
                 len: self.len,
@@ -269,7 +323,7 @@ impl Spool {
     }
 
     /// Marks the `count` records before `end` as in the chain; once all
-    /// are, the file is emptied.
+    /// are, the file is emptied, and once enough are, compacted.
     pub fn drained(&mut self, end: u64, count: usize) -> Result<(), SpoolError> {
         self.drained_to = end;
         self.depth = self.depth.saturating_sub(count as u64);
@@ -279,8 +333,57 @@ impl Spool {
             self.len = 0;
             self.drained_to = 0;
             self.depth = 0;
+        } else if self.drained_to >= COMPACT_BYTES.min(self.max_bytes / 2) {
+            self.compact()?;
         }
         Ok(())
+    }
+
+    /// Rewrites the file as its undrained tail. The new file is synced
+    /// before it is renamed over the old one, and the directory after: a
+    /// crash leaves either file whole, and the old one only repeats records
+    /// that the drain skips by `event_id`.
+    fn compact(&mut self) -> Result<(), SpoolError> {
+        let mut tail = Vec::with_capacity((self.len - self.drained_to) as usize);
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(self.drained_to))
+            .and_then(|_| file.take(self.len - self.drained_to).read_to_end(&mut tail))
+            .map_err(|e| self.io(e))?;
+        let fresh_path = self.path.with_extension(COMPACTING);
+        let renamed = File::create(&fresh_path)
+            .and_then(|mut fresh| {
+                fresh.write_all(&tail)?;
+                fresh.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&fresh_path, &self.path));
+        if let Err(error) = renamed {
+            // The old file is still the spool, whole.
+            let _ = std::fs::remove_file(&fresh_path);
+            return Err(self.io(error));
+        }
+        if let Some(dir) = self.path.parent()
+            && let Err(error) = File::open(dir).and_then(|dir| dir.sync_all())
+        {
+            tracing::warn!(%error, "audit spool: directory not synced after compaction");
+        }
+        match OpenOptions::new().read(true).append(true).open(&self.path) {
+            Ok(fresh) => {
+                self.file = fresh;
+                self.len = tail.len() as u64;
+                self.drained_to = 0;
+                Ok(())
+            }
+            Err(error) => {
+                // Appends to the old, unlinked file would be lost.
+                self.broken = true;
+                Err(self.io(error))
+            }
+        }
+    }
+
+    /// When the oldest event not yet in the chain was decided (its `ts`).
+    pub fn oldest_ts(&mut self) -> Result<Option<String>, SpoolError> {
+        Ok(self.peek(1)?.0.pop().map(|event| event.ts))
     }
 }
 
@@ -373,6 +476,36 @@ mod tests {
             Spool::open(dir.path(), DEFAULT_MAX_BYTES),
             Err(SpoolError::Corrupt { offset: 0, .. })
         ));
+    }
+
+    #[test]
+    fn a_drained_head_is_compacted_away_and_the_rest_still_drains_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let written: Vec<NewEvent> = (0..8).map(|i| event(&format!("e{i}"))).collect();
+        let scratch = tempfile::tempdir().unwrap();
+        let mut sized = Spool::open(scratch.path(), DEFAULT_MAX_BYTES).unwrap();
+        sized.append(&written).unwrap();
+        // Room for the eight and a bit: draining six passes half of it.
+        let max = sized.len + sized.len / 4;
+        let mut spool = Spool::open(dir.path(), max).unwrap();
+        spool.append(&written).unwrap();
+        let full = spool.len;
+        let (head, end) = spool.peek(6).unwrap();
+        assert_eq!(head, written[..6]);
+        assert!(end >= max / 2, "the test needs the head past max/2: {end}");
+        spool.drained(end, 6).unwrap();
+        // Compacted: only the two undrained records are left in the file.
+        assert_eq!(std::fs::metadata(spool.path()).unwrap().len(), full - end);
+        assert_eq!(waiting(dir.path()).unwrap(), 2);
+        spool.append(&[event("e8")]).unwrap();
+        let (rest, _) = spool.peek(10).unwrap();
+        let ids: Vec<_> = rest.iter().map(|e| e.request_id.as_str()).collect();
+        assert_eq!(ids, ["e6", "e7", "e8"]);
+        assert_eq!(spool.depth(), 3);
+        assert!(!dir.path().join("audit-spool.jsonl.compacting").exists());
+        // And what is on disk reopens as the same three.
+        let mut reopened = Spool::open(dir.path(), max).unwrap();
+        assert_eq!(reopened.peek(10).unwrap().0, rest);
     }
 
     #[test]

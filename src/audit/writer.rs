@@ -18,15 +18,21 @@
 //! to the spool and synced before their callers hear of the failure. Between
 //! batches, and on a timer while idle, the writer drains the spool into the
 //! chain oldest first, one batch at a time, skipping events the chain
-//! already holds. Only this thread touches the spool.
+//! already holds.
+//!
+//! With `CASF_AUDIT_SPOOL_MODE=always` the writer only spools: each batch is
+//! synced to the spool and its callers answered, with no PostgreSQL round
+//! trip on their path. A shipper on a thread of its own drains the spool
+//! into the chain by the same path, so a slow or absent PostgreSQL (a
+//! checkpoint, an outage) delays the chain, not the answers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::spool::Spool;
+use super::spool::{Spool, SpoolMode};
 use super::{AppendReceipt, AuditError, AuditLog, NewEvent};
 use crate::metrics::SpoolMetrics;
 
@@ -43,6 +49,9 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// While events are spooled and no request comes, how often to try draining.
 const DRAIN_RETRY: Duration = Duration::from_millis(500);
+/// On shutdown in `always` mode, how long the shipper goes on shipping what
+/// is spooled; what is left waits in the spool for the next start.
+const SHIP_ON_STOP: Duration = Duration::from_secs(5);
 
 /// The spool and what to do when it cannot take an event.
 pub struct SpoolSetup {
@@ -51,11 +60,56 @@ pub struct SpoolSetup {
     /// reported as [`AuditError::NotRecorded`], so a write fails closed.
     pub strict: bool,
     pub metrics: SpoolMetrics,
+    /// `CASF_AUDIT_SPOOL_MODE`.
+    pub mode: SpoolMode,
 }
+
+/// The spool as the writer and the shipper share it.
+struct Spooled {
+    spool: Mutex<Spool>,
+    strict: bool,
+    metrics: SpoolMetrics,
+}
+
+impl Spooled {
+    fn lock(&self) -> MutexGuard<'_, Spool> {
+        // A panic while holding it cannot leave the file half-written (an
+        // append is all or nothing), so the spool is still usable.
+        self.spool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn depth(&self) -> u64 {
+        self.lock().depth()
+    }
+
+    /// Publishes depth and lag (age of the oldest event not yet in the
+    /// chain), read under the lock so that two threads cannot publish them
+    /// out of order.
+    fn report(&self) {
+        let mut spool = self.lock();
+        self.metrics.depth.set(spool.depth() as i64);
+        let lag = match spool.oldest_ts() {
+            Ok(Some(ts)) => chrono::DateTime::parse_from_rfc3339(&ts)
+                .map(|ts| {
+                    let age = chrono::Utc::now().signed_duration_since(ts);
+                    age.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
+                })
+                .unwrap_or(0.0)
+                .max(0.0),
+            _ => 0.0,
+        };
+        self.metrics.lag_seconds.set(lag);
+    }
+}
+
+/// What a caller hears once its event is durable: where it landed in the
+/// chain, or `None` when the synced spool is its commit point (`always`
+/// mode) and it reaches the chain later.
+pub type Committed = Option<AppendReceipt>;
 
 struct Job {
     event: NewEvent,
-    done: oneshot::Sender<Result<AppendReceipt, AuditError>>,
+    done: oneshot::Sender<Result<Committed, AuditError>>,
 }
 
 /// The pipeline's handle on the audit trail.
@@ -72,24 +126,47 @@ impl AuditWriter {
         Self::spawn_with_spool(log, None)
     }
 
-    /// [`AuditWriter::spawn`], spooling what the store cannot take. A spool
-    /// left by an earlier process starts draining at once, in the background.
+    /// [`AuditWriter::spawn`], spooling what the store cannot take (or, in
+    /// `always` mode, everything). A spool left by an earlier process starts
+    /// draining at once, in the background.
     pub fn spawn_with_spool(
         log: Arc<dyn AuditLog>,
         spool: Option<SpoolSetup>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
-        if let Some(setup) = &spool {
-            setup.metrics.depth.set(setup.spool.depth() as i64);
-        }
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let (stopped, on_stop) = oneshot::channel::<()>();
+        let mode = spool.as_ref().map(|s| s.mode);
+        let spooled = spool.map(|setup| {
+            Arc::new(Spooled {
+                spool: Mutex::new(setup.spool),
+                strict: setup.strict,
+                metrics: setup.metrics,
+            })
+        });
+        if let Some(spooled) = &spooled {
+            spooled.report();
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let shipper = match (&spooled, mode) {
+            (Some(spooled), Some(SpoolMode::Always)) => {
+                Some(Shipper::spawn(log.clone(), spooled.clone())?)
+            }
+            _ => None,
+        };
         std::thread::Builder::new()
             .name("casf-audit-writer".into())
             .spawn(move || {
-                runtime.block_on(run(log, queue, spool));
+                runtime.block_on(async move {
+                    match (spooled, shipper) {
+                        (Some(spooled), Some(shipper)) => {
+                            run_always(log, queue, &spooled, &shipper).await;
+                            shipper.stop().await;
+                        }
+                        (spooled, _) => run(log, queue, spooled.as_deref()).await,
+                    }
+                });
                 let _ = stopped.send(());
             })?;
         let task = tokio::spawn(async move {
@@ -102,8 +179,9 @@ impl AuditWriter {
         Ok((AuditWriter { jobs }, task))
     }
 
-    /// Appends one event and waits until the batch holding it has committed.
-    pub async fn append(&self, event: NewEvent) -> Result<AppendReceipt, AuditError> {
+    /// Appends one event and waits until it is durable: committed in the
+    /// chain, or (`always` mode) synced to the spool.
+    pub async fn append(&self, event: NewEvent) -> Result<Committed, AuditError> {
         let (done, receipt) = oneshot::channel();
         self.jobs
             .send(Job { event, done })
@@ -117,23 +195,163 @@ impl AuditWriter {
     }
 }
 
-async fn run(
+/// `always` mode's background thread: ships the spool into the chain.
+struct Shipper {
+    /// Rung after each batch is spooled.
+    wake: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    stopped: oneshot::Receiver<()>,
+}
+
+impl Shipper {
+    fn spawn(log: Arc<dyn AuditLog>, spooled: Arc<Spooled>) -> std::io::Result<Self> {
+        let wake = Arc::new(Notify::new());
+        let (stop, stopping) = watch::channel(false);
+        let (done, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let rung = wake.clone();
+        std::thread::Builder::new()
+            .name("casf-audit-shipper".into())
+            .spawn(move || {
+                runtime.block_on(ship(&log, &spooled, &rung, stopping));
+                let _ = done.send(());
+            })?;
+        Ok(Shipper {
+            wake,
+            stop,
+            stopped,
+        })
+    }
+
+    /// Asks the shipper to ship what it can within [`SHIP_ON_STOP`], and
+    /// waits for it.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if self.stopped.await.is_err() {
+            tracing::error!("audit shipper thread ended abnormally");
+        }
+    }
+}
+
+/// Drains the spool into the chain whenever it holds events: at once after
+/// a batch that moved, after [`DRAIN_RETRY`] after one that did not (the
+/// store away). On stop, goes on until the spool is empty, the store fails,
+/// or [`SHIP_ON_STOP`] has passed.
+async fn ship(
+    log: &Arc<dyn AuditLog>,
+    spooled: &Spooled,
+    wake: &Notify,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut reach = Reach::default();
+    let mut deadline = None;
+    // Asked to stop, or the writer is gone.
+    let mut stop = false;
+    loop {
+        stop = stop || *stopping.borrow();
+        if stop && deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + SHIP_ON_STOP);
+        }
+        let moved = spooled.depth() > 0 && drain_one(log, spooled, &mut reach).await;
+        spooled.report();
+        let empty = spooled.depth() == 0;
+        if stop && (empty || !moved || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)) {
+            break;
+        }
+        if moved {
+            continue;
+        }
+        tokio::select! {
+            () = wake.notified(), if empty => {}
+            () = tokio::time::sleep(DRAIN_RETRY), if !empty => {}
+            changed = stopping.changed(), if !stop => stop = changed.is_err(),
+        }
+    }
+    let left = spooled.depth();
+    if left > 0 {
+        tracing::warn!(
+            events = left,
+            "audit shipper stopped with events still spooled; the next start ships them"
+        );
+    }
+}
+
+/// `always` mode: every batch goes to the spool, synced, and its callers
+/// are answered; the shipper takes it from there. A spool that cannot take
+/// a batch (full, unwritable) falls back to a direct append, and what that
+/// cannot place either is lost (or, strict, reported as not recorded).
+async fn run_always(
     log: Arc<dyn AuditLog>,
     mut queue: mpsc::Receiver<Job>,
-    mut spool: Option<SpoolSetup>,
+    spooled: &Spooled,
+    shipper: &Shipper,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut unreachable = false;
-    if let Some(setup) = &spool
-        && setup.spool.depth() > 0
-    {
-        tracing::warn!(events = setup.spool.depth(), path = %setup.spool.path().display(), "audit spool holds events from an earlier run; draining them into the chain");
+    let mut reach = Reach::default();
+    let pending = spooled.depth();
+    if pending > 0 {
+        tracing::warn!(
+            events = pending,
+            "audit spool holds events from an earlier run; shipping them into the chain"
+        );
+    }
+    while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let (events, callers): (Vec<NewEvent>, Vec<_>) =
+            jobs.drain(..).map(|job| (job.event, job.done)).unzip();
+        let written = {
+            let mut spool = spooled.lock();
+            let written = spool.append(&events);
+            spooled.metrics.depth.set(spool.depth() as i64);
+            written
+        };
+        let results: Vec<Result<Committed, AuditError>> = match written {
+            Ok(()) => {
+                spooled.metrics.spooled.inc_by(events.len() as u64);
+                shipper.wake.notify_one();
+                events.iter().map(|_| Ok(None)).collect()
+            }
+            Err(error) => {
+                tracing::error!(%error, events = events.len(), "audit spool cannot take a batch; appending it to the chain directly");
+                let results = append_probed(&log, &events, &mut reach).await;
+                results
+                    .into_iter()
+                    .map(|result| match result {
+                        Ok(receipt) => Ok(Some(receipt)),
+                        Err(failed) => {
+                            spooled.metrics.lost.inc();
+                            if spooled.strict {
+                                Err(AuditError::NotRecorded(error.to_string()))
+                            } else {
+                                Err(failed)
+                            }
+                        }
+                    })
+                    .collect()
+            }
+        };
+        for (caller, result) in callers.into_iter().zip(results) {
+            let _ = caller.send(result);
+        }
+    }
+    tracing::debug!("audit writer stopped; the shipper finishes");
+}
+
+async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>, spool: Option<&Spooled>) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut reach = Reach::default();
+    if let Some(spooled) = spool {
+        let pending = spooled.depth();
+        if pending > 0 {
+            tracing::warn!(events = pending, path = %spooled.lock().path().display(), "audit spool holds events from an earlier run; draining them into the chain");
+        }
     }
     // Whether the last drain moved a batch: then the next follows at once
     // (after any queued requests), else after DRAIN_RETRY.
     let mut draining = true;
     loop {
-        let pending = spool.as_ref().is_some_and(|s| s.spool.depth() > 0);
+        let pending = spool.is_some_and(|s| s.depth() > 0);
         let received = if pending {
             let pause = if draining {
                 Duration::ZERO
@@ -151,7 +369,7 @@ async fn run(
         let idle = match received {
             Some(0) => break,
             Some(_) => {
-                batch(log.as_ref(), &mut jobs, &mut unreachable, spool.as_mut()).await;
+                batch(&log, &mut jobs, &mut reach, spool).await;
                 false
             }
             None => true,
@@ -159,11 +377,15 @@ async fn run(
         // After a batch, drain only if that batch reached the store: a
         // second probe per batch would double what an outage costs each
         // decision. While idle, the timer probes.
-        if let Some(setup) = spool.as_mut()
-            && setup.spool.depth() > 0
-            && (idle || !unreachable)
+        if let Some(spooled) = spool
+            && spooled.depth() > 0
+            && (idle || !reach.down)
         {
-            draining = drain_one(log.as_ref(), setup, &mut unreachable).await;
+            draining = drain_one(&log, spooled, &mut reach).await;
+            spooled.report();
+            if draining && spooled.depth() == 0 {
+                tracing::info!("audit spool drained into the chain");
+            }
         } else if idle {
             draining = false;
         }
@@ -171,24 +393,20 @@ async fn run(
     tracing::debug!("audit writer drained and stopped");
 }
 
-/// Appends (or spools) what was queued and answers each caller.
+/// Appends what was queued (spooling what the store cannot take) and
+/// answers each caller.
 async fn batch(
-    log: &dyn AuditLog,
+    log: &Arc<dyn AuditLog>,
     jobs: &mut Vec<Job>,
-    unreachable: &mut bool,
-    spool: Option<&mut SpoolSetup>,
+    reach: &mut Reach,
+    spool: Option<&Spooled>,
 ) {
     let (events, callers): (Vec<NewEvent>, Vec<_>) =
         jobs.drain(..).map(|job| (job.event, job.done)).unzip();
     let started = std::time::Instant::now();
-    let mut results = if *unreachable && let Err(error) = probe(log).await {
-        events.iter().map(|_| Err(error.clone())).collect()
-    } else {
-        append(log, &events).await
-    };
-    *unreachable = results.iter().any(is_unreachable);
-    if let Some(setup) = spool {
-        spool_failed(setup, &events, &mut results);
+    let mut results = append_probed(log, &events, reach).await;
+    if let Some(spooled) = spool {
+        spool_failed(spooled, &events, &mut results);
     }
     tracing::trace!(
         events = events.len(),
@@ -197,8 +415,26 @@ async fn batch(
     );
     for (caller, result) in callers.into_iter().zip(results) {
         // A caller that gave up waiting is not an error here.
-        let _ = caller.send(result);
+        let _ = caller.send(result.map(Some));
     }
+}
+
+/// [`append`], after a probe when the store was last found unreachable;
+/// updates that finding.
+async fn append_probed(
+    log: &Arc<dyn AuditLog>,
+    events: &[NewEvent],
+    reach: &mut Reach,
+) -> Vec<Result<AppendReceipt, AuditError>> {
+    let results = if reach.down
+        && let Err(error) = reach.probe(log).await
+    {
+        events.iter().map(|_| Err(error.clone())).collect()
+    } else {
+        append(log.as_ref(), events).await
+    };
+    reach.down = results.iter().any(is_unreachable);
+    results
 }
 
 /// The store was not reached, or the commit's outcome is unknown: the
@@ -215,7 +451,7 @@ fn is_unreachable<T>(result: &Result<T, AuditError>) -> bool {
 /// error (the chain append did fail); what the spool cannot take is lost,
 /// or [`AuditError::NotRecorded`] when strict.
 fn spool_failed(
-    setup: &mut SpoolSetup,
+    spooled: &Spooled,
     events: &[NewEvent],
     results: &mut [Result<AppendReceipt, AuditError>],
 ) {
@@ -226,15 +462,16 @@ fn spool_failed(
         return;
     }
     let to_spool: Vec<NewEvent> = failed.iter().map(|&i| events[i].clone()).collect();
-    match setup.spool.append(&to_spool) {
+    let written = spooled.lock().append(&to_spool);
+    match written {
         Ok(()) => {
-            setup.metrics.spooled.inc_by(failed.len() as u64);
-            setup.metrics.depth.set(setup.spool.depth() as i64);
+            spooled.metrics.spooled.inc_by(failed.len() as u64);
+            spooled.report();
         }
         Err(error) => {
-            setup.metrics.lost.inc_by(failed.len() as u64);
-            tracing::error!(%error, events = failed.len(), strict = setup.strict, "audit events neither appended nor spooled: lost");
-            if setup.strict {
+            spooled.metrics.lost.inc_by(failed.len() as u64);
+            tracing::error!(%error, events = failed.len(), strict = spooled.strict, "audit events neither appended nor spooled: lost");
+            if spooled.strict {
                 for &i in &failed {
                     results[i] = Err(AuditError::NotRecorded(error.to_string()));
                 }
@@ -245,23 +482,29 @@ fn spool_failed(
 
 /// Moves the oldest spooled batch into the chain, unless the store is
 /// still away. Events already in the chain (a commit whose acknowledgement
-/// was lost) are skipped by `event_id`. Whether a batch was drained.
-async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut bool) -> bool {
-    if *unreachable && probe(log).await.is_err() {
+/// was lost) are skipped by `event_id`. Whether a batch was drained. The
+/// spool is locked only to read the batch and to record the drain, never
+/// across the store's round trips.
+async fn drain_one(log: &Arc<dyn AuditLog>, spooled: &Spooled, reach: &mut Reach) -> bool {
+    if reach.down && reach.probe(log).await.is_err() {
         return false;
     }
-    let (events, end) = match setup.spool.peek(MAX_BATCH) {
+    let peeked = spooled.lock().peek(MAX_BATCH);
+    let (events, end) = match peeked {
         Ok(found) => found,
         Err(error) => {
             tracing::error!(%error, "audit spool unreadable: draining stops");
             return false;
         }
     };
+    if events.is_empty() {
+        return false;
+    }
     let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
     let present = match log.present_event_ids(&ids).await {
         Ok(present) => present,
         Err(error) => {
-            *unreachable = matches!(error, AuditError::Unavailable(_) | AuditError::Timeout);
+            reach.down = matches!(error, AuditError::Unavailable(_) | AuditError::Timeout);
             tracing::warn!(%error, "audit spool: cannot check the chain; drain retried later");
             return false;
         }
@@ -271,38 +514,63 @@ async fn drain_one(log: &dyn AuditLog, setup: &mut SpoolSetup, unreachable: &mut
         .filter(|e| !present.contains(&e.event_id.to_ascii_lowercase()))
         .cloned()
         .collect();
-    let results = append(log, &fresh).await;
+    let results = append(log.as_ref(), &fresh).await;
     if results.iter().any(is_unreachable) {
-        *unreachable = true;
+        reach.down = true;
         return false;
     }
-    *unreachable = false;
+    reach.down = false;
     for (event, result) in fresh.iter().zip(&results) {
         if let Err(error) = result {
             // The store refuses this event for good; keeping it would stop
             // the drain for every event behind it.
-            setup.metrics.lost.inc();
+            spooled.metrics.lost.inc();
             tracing::error!(%error, event_id = %event.event_id, request_id = %event.request_id, "spooled audit event rejected by the store: lost");
         }
     }
-    if let Err(error) = setup.spool.drained(end, events.len()) {
+    let (recorded, left) = {
+        let mut spool = spooled.lock();
+        (spool.drained(end, events.len()), spool.depth())
+    };
+    if let Err(error) = recorded {
         tracing::error!(%error, "audit spool: cannot record the drain; events will be skipped as duplicates on the next one");
     }
-    setup.metrics.depth.set(setup.spool.depth() as i64);
-    tracing::info!(
+    tracing::debug!(
         drained = fresh.len(),
         already_in_chain = events.len() - fresh.len(),
-        left = setup.spool.depth(),
+        left,
         "audit spool drained a batch"
     );
     true
 }
 
-/// Whether a store that was unreachable answers again.
-async fn probe(log: &dyn AuditLog) -> Result<(), AuditError> {
-    match tokio::time::timeout(PROBE_TIMEOUT, log.ping()).await {
-        Ok(answer) => answer,
-        Err(_) => Err(AuditError::Timeout),
+/// Whether the store answers, as far as this thread knows.
+#[derive(Default)]
+struct Reach {
+    /// The last batch or drain found it unreachable: probe before the next.
+    down: bool,
+    /// A probe still running from an earlier call.
+    ping: Option<JoinHandle<Result<(), AuditError>>>,
+}
+
+impl Reach {
+    /// Whether a store that was unreachable answers again, waiting at most
+    /// [`PROBE_TIMEOUT`]. The ping runs as a task of this thread's runtime,
+    /// and one not done in time is kept, not dropped: a new connection
+    /// (TLS, SCRAM) slower than the timeout on a loaded machine completes
+    /// over later calls instead of starting over and timing out each time.
+    async fn probe(&mut self, log: &Arc<dyn AuditLog>) -> Result<(), AuditError> {
+        let ping = self.ping.get_or_insert_with(|| {
+            let log = log.clone();
+            tokio::spawn(async move { log.ping().await })
+        });
+        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Err(_) => Err(AuditError::Timeout),
+            Ok(joined) => {
+                self.ping = None;
+                joined.unwrap_or_else(|e| Err(AuditError::Unavailable(format!("ping: {e}"))))
+            }
+        }
     }
 }
 
@@ -495,8 +763,89 @@ mod tests {
             spool: Spool::open(dir, max_bytes).unwrap(),
             strict,
             metrics: metrics.clone(),
+            mode: SpoolMode::Outage,
         };
         (setup, metrics)
+    }
+
+    fn always(dir: &std::path::Path, max_bytes: u64, strict: bool) -> (SpoolSetup, SpoolMetrics) {
+        let (mut setup, metrics) = spooled(dir, max_bytes, strict);
+        setup.mode = SpoolMode::Always;
+        (setup, metrics)
+    }
+
+    #[tokio::test]
+    async fn always_mode_answers_from_the_spool_and_ships_in_order_through_an_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (setup, metrics) = always(dir.path(), crate::audit::spool::DEFAULT_MAX_BYTES, false);
+        let log = Arc::new(PickyLog::default());
+        let (writer, task) = AuditWriter::spawn_with_spool(log.clone(), Some(setup)).unwrap();
+        // Committed to the spool: no receipt, and no error, store or not.
+        assert!(matches!(writer.append(event("a")).await, Ok(None)));
+        until_drained(&metrics).await;
+        assert_eq!(*log.stored.lock().unwrap(), ["a"]);
+        log.unreachable.store(true, SeqCst);
+        for id in ["b", "c", "d"] {
+            assert!(matches!(writer.append(event(id)).await, Ok(None)));
+        }
+        assert_eq!(metrics.spooled.get(), 4);
+        assert!(metrics.depth.get() > 0);
+        log.unreachable.store(false, SeqCst);
+        until_drained(&metrics).await;
+        assert_eq!(*log.stored.lock().unwrap(), ["a", "b", "c", "d"]);
+        assert_eq!(metrics.lost.get(), 0);
+        assert_eq!(metrics.lag_seconds.get(), 0.0);
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn always_mode_ships_what_is_left_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (setup, _) = always(dir.path(), crate::audit::spool::DEFAULT_MAX_BYTES, false);
+        let log = Arc::new(PickyLog::default());
+        let (writer, task) = AuditWriter::spawn_with_spool(log.clone(), Some(setup)).unwrap();
+        let ids: Vec<String> = (0..50).map(|i| format!("e{i}")).collect();
+        let answers =
+            futures::future::join_all(ids.iter().map(|id| writer.append(event(id)))).await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(None))));
+        drop(writer);
+        task.await.unwrap();
+        // Every answered event is in the chain once the writer has stopped.
+        let mut stored = log.stored.lock().unwrap().clone();
+        stored.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(stored, expected);
+        assert_eq!(crate::audit::spool::waiting(dir.path()).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn always_mode_with_a_full_spool_appends_directly_or_is_lost() {
+        for strict in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (setup, metrics) = always(dir.path(), 10, strict);
+            let log = Arc::new(PickyLog::default());
+            let (writer, task) = AuditWriter::spawn_with_spool(log.clone(), Some(setup)).unwrap();
+            assert!(matches!(writer.append(event("a")).await, Ok(Some(_))));
+            log.unreachable.store(true, SeqCst);
+            let result = writer.append(event("b")).await;
+            if strict {
+                assert!(
+                    matches!(result, Err(AuditError::NotRecorded(_))),
+                    "{result:?}"
+                );
+            } else {
+                assert!(
+                    matches!(result, Err(AuditError::Unavailable(_))),
+                    "{result:?}"
+                );
+            }
+            assert_eq!((metrics.lost.get(), metrics.spooled.get()), (1, 0));
+            assert_eq!(*log.stored.lock().unwrap(), ["a"]);
+            drop(writer);
+            task.await.unwrap();
+        }
     }
 
     async fn until_drained(metrics: &SpoolMetrics) {

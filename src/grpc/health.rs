@@ -158,7 +158,7 @@ mod tests {
             state,
             policy: policy.clone(),
             redactor: Redactor::default(),
-            spool_depth: None,
+            spool: None,
             callers: None,
             enforcement: None,
         });
