@@ -28,6 +28,7 @@ use crate::config::{
     AuditBackend, ConfigError, PolicyBackend, Redactor, RoutesFile, Settings, StateBackend,
 };
 use crate::domain::Mode;
+use crate::door_tls::DoorTls;
 use crate::ext_authz::routes::{RouteMap, RouteMapError};
 use crate::health::Readiness;
 use crate::http::{AppState, router};
@@ -62,6 +63,8 @@ pub enum StartupError {
     Routes(#[from] RouteMapError),
     #[error("CASF_MODE_FLOOR_FILE: {0}")]
     ModeFloor(#[from] crate::mode_floor::FloorFileError),
+    #[error("door TLS: {0}")]
+    DoorTls(#[from] crate::door_tls::DoorTlsError),
     #[error("{var} is set, but this build has no {backend} backend yet")]
     Unsupported {
         var: &'static str,
@@ -215,6 +218,8 @@ pub struct Application {
     /// The floor and, when `CASF_MODE_FLOOR_FILE` is set, the file it follows.
     mode_floor: (Arc<ModeFloor>, Mode, Option<PathBuf>),
     connections: crate::connections::ConnectionLimits,
+    door_tls: Option<Arc<DoorTls>>,
+    grpc_insecure_peers: bool,
 }
 
 impl Application {
@@ -273,6 +278,32 @@ impl Application {
             metrics.track_state_keys(state.max_keys(), move || state.keys_held());
         }
         let metrics = Arc::new(metrics);
+        let door_tls = match &settings.door_tls {
+            Some(files) => {
+                let tls = DoorTls::load(files.clone(), metrics.clone())?;
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    client_certificates = if tls.requires_client_certs() { "required" } else { "not asked for" },
+                    "TLS on both doors (HTTPS and gRPC over TLS); the files are re-read every second"
+                );
+                Some(tls)
+            }
+            None => None,
+        };
+        let grpc_insecure_peers = settings.grpc_peers_unauthenticated();
+        metrics.grpc_insecure_peers(grpc_insecure_peers);
+        if grpc_insecure_peers {
+            tracing::warn!(
+                grpc = %settings.grpc_addr,
+                "CASF_GRPC_INSECURE_PEERS=true: the gRPC door is reachable off loopback without client \
+                 certificates, and ANY peer that reaches it may assert any identity (JWT claims, \
+                 identity headers). Restrict it by network policy, or set CASF_TLS_CLIENT_CA (mTLS)"
+            );
+        } else if settings.grpc_insecure_peers {
+            tracing::info!(
+                "CASF_GRPC_INSECURE_PEERS=true has no effect: the gRPC door's peers are loopback or certified"
+            );
+        }
         // A floor file that cannot be read refuses to start: the operator
         // asked for a floor, and guessing one could be too low.
         let initial_floor = match &settings.mode_floor_file {
@@ -324,6 +355,8 @@ impl Application {
             audit_task,
             mode_floor: (floor, settings.mode_floor, settings.mode_floor_file.clone()),
             connections: settings.connections,
+            door_tls,
+            grpc_insecure_peers,
         })
     }
 
@@ -354,6 +387,8 @@ impl Application {
             audit_task,
             mode_floor: (floor, floor_base, floor_file),
             connections,
+            door_tls,
+            grpc_insecure_peers,
             ..
         } = self;
         let (drain, draining) = watch::channel(false);
@@ -380,17 +415,29 @@ impl Application {
                 stopped(draining.clone()),
             ));
         }
+        if let Some(tls) = &door_tls {
+            tokio::spawn(tls.clone().follow(stopped(draining.clone())));
+        }
         let grpc = crate::grpc::serve(
             grpc_listener,
             connections,
+            crate::grpc::GrpcTransport {
+                tls: door_tls.clone(),
+                insecure_peers: grpc_insecure_peers,
+            },
             state.pipeline.clone(),
             routes,
             state.readiness.clone(),
             draining.clone(),
             stopped(draining.clone()),
         );
-        let http =
-            crate::connections::serve_http(listener, router(state), connections, stopped(draining));
+        let http = crate::connections::serve_http(
+            listener,
+            router(state),
+            connections,
+            door_tls,
+            stopped(draining),
+        );
         let (http, grpc) = tokio::join!(
             async {
                 let result = http.await;

@@ -9,6 +9,7 @@ mod audit_spool;
 mod connections;
 mod contract;
 mod disconnect;
+mod door_tls;
 mod ext_authz;
 mod helpers;
 mod mode_floor;
@@ -18,6 +19,8 @@ mod otel;
 #[path = "../support/otlp_receiver.rs"]
 mod otlp_receiver;
 mod pg;
+#[path = "../support/pki.rs"]
+mod pki;
 mod postgres_audit;
 mod production;
 mod properties_pg;
