@@ -114,6 +114,9 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
     // Only closed label sets: no tenant, patient or request id ever becomes a label.
     let allowed = [
         "decision", "trigger", "kind", "door", "reason", "le", "mode",
+        // Door TLS: `result` is ok or refused; `cert` (server, client_ca)
+        // only with CASF_TLS_CERT.
+        "result", "cert",
     ];
     // casf_build_info's two labels have one value per binary.
     for sample in text
