@@ -47,8 +47,14 @@ COPY --from=builder --chown=65532:65532 /writable/ /app/
 WORKDIR /app
 # Non-root, numeric so that Kubernetes' runAsNonRoot can check it without /etc/passwd.
 USER 65532:65532
+# The gRPC door binds the container's loopback: JWT claims and identity
+# headers are honoured only from an authenticated peer, so a sidecar Envoy
+# (same network namespace) may use it as is. To reach it from another
+# container, set CASF_GRPC_ADDR=0.0.0.0:9191 with CASF_TLS_CERT, CASF_TLS_KEY
+# and CASF_TLS_CLIENT_CA (mTLS), or CASF_GRPC_INSECURE_PEERS=true on a
+# network only Envoy reaches (as deploy/compose does).
 ENV CASF_HTTP_ADDR=0.0.0.0:8000 \
-    CASF_GRPC_ADDR=0.0.0.0:9191 \
+    CASF_GRPC_ADDR=127.0.0.1:9191 \
     CASF_POLICY_DIR=/app/policies \
     CASF_ROUTES=/app/envoy/routes.yaml \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \

@@ -160,11 +160,13 @@ fn check_mapping(c: &mut Criterion) {
     let routes = RouteMap::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/routes.yaml"))
         .expect("the shipped route map loads");
     let check = envoy_check();
-    let mapped = translate::tool_call(&routes, &check).expect("maps to a tool call");
+    let mapped = translate::tool_call_from(&routes, &check, true).expect("maps to a tool call");
     assert_eq!(mapped.to_value()["tool"], "cliniccloud.create_appointment");
     assert_eq!(mapped.to_value()["role"], "receptionist");
     c.bench_function("CheckRequest → tool call mapping", |b| {
-        b.iter(|| translate::tool_call(&routes, std::hint::black_box(&check)).expect("maps"))
+        b.iter(|| {
+            translate::tool_call_from(&routes, std::hint::black_box(&check), true).expect("maps")
+        })
     });
 }
 

@@ -131,7 +131,8 @@ start_verifier() {
     CASF_ROUTES="$ROUTES" CASF_AUDIT_SQLITE="$WORK/$name.db" "$@" "$BIN" 2>"$WORK/$name.log" &
   VERIFIER_PID=$!
   local deadline=$((SECONDS + 30))
-  until curl -fs "http://127.0.0.1:$HTTP_PORT/health" >/dev/null 2>&1; do
+  # HEALTH_CURL: how to reach /health (the TLS rows set it to https with the test CA).
+  until curl -fs ${HEALTH_CURL:-} "${HEALTH_SCHEME:-http}://127.0.0.1:$HTTP_PORT/health" >/dev/null 2>&1; do
     ((SECONDS < deadline)) || { cat "$WORK/$name.log" >&2; log "$name did not start"; exit 1; }
     kill -0 "$VERIFIER_PID" 2>/dev/null || { cat "$WORK/$name.log" >&2; log "$name exited"; exit 1; }
     sleep 0.01
@@ -296,6 +297,39 @@ matrix embedded
 load embedded grpc "http://127.0.0.1:$GRPC_PORT" --scenario mix --connections 256
 envoy_rows embedded
 stop_verifier
+
+# /verify over TLS against plaintext, back to back in this run: the same
+# embedded verifier, plaintext, then HTTPS (CASF_TLS_CERT), then HTTPS with
+# client certificates (CASF_TLS_CLIENT_CA); the same closed-loop load on
+# kept-alive connections (so handshakes are amortised, as with real clients).
+# The certificates are made here with openssl, as in the tests.
+PKI=$WORK/pki
+rm -rf "$PKI" && mkdir -p "$PKI"
+(
+  cd "$PKI"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=casf bench ca" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign -keyout ca.key -out ca.pem
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+  printf 'subjectAltName=URI:spiffe://bench/loadgen\nextendedKeyUsage=clientAuth\n' >client.ext
+  for name in server client; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$name" -keyout $name.key -out $name.csr
+    openssl x509 -req -in $name.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $name.ext -out $name.pem
+  done
+) >/dev/null 2>&1 || { log "could not make the bench certificates with openssl"; exit 1; }
+TLS_VARS=(CASF_TLS_CERT="$PKI/server.pem" CASF_TLS_KEY="$PKI/server.key")
+start_verifier "embedded, plaintext"
+load "embedded, plaintext" http "http://127.0.0.1:$HTTP_PORT" --scenario mix --connections 256
+stop_verifier
+HEALTH_SCHEME=https HEALTH_CURL="--cacert $PKI/ca.pem"
+start_verifier "embedded, HTTPS" "${TLS_VARS[@]}"
+load "embedded, HTTPS" http "https://127.0.0.1:$HTTP_PORT" --scenario mix --connections 256 --ca "$PKI/ca.pem"
+stop_verifier
+HEALTH_CURL="--cacert $PKI/ca.pem --cert $PKI/client.pem --key $PKI/client.key"
+start_verifier "embedded, HTTPS + mTLS" "${TLS_VARS[@]}" CASF_TLS_CLIENT_CA="$PKI/ca.pem"
+load "embedded, HTTPS + mTLS" http "https://127.0.0.1:$HTTP_PORT" --scenario mix --connections 256 \
+  --ca "$PKI/ca.pem" --client-cert "$PKI/client.pem" --client-key "$PKI/client.key"
+stop_verifier
+HEALTH_SCHEME= HEALTH_CURL=
 
 fresh_pg regorus
 start_verifier pg-redis-regorus PG_DSN="$FRESH_DSN" REDIS_URL="$CASF_TEST_REDIS_URL"

@@ -112,6 +112,22 @@ for backends, label in ((FULL, "the full pipeline (Postgres, Redis, embedded pol
     add(f"| ext_authz through a real Envoy to {label}, p99 added over plain Envoy → upstream in the same Envoy, 1,000 req/s open loop | ≤ 2 ms | {measured} | {verdict(None if this is None else this <= 2)} |")
 add("")
 
+add("## TLS on the HTTP door\n")
+add("`POST /verify`, embedded backends, the mix scenario, closed loop on 256 kept-alive connections; the three verifiers ran one after the other in this run (plaintext, `CASF_TLS_CERT`, then with `CASF_TLS_CLIENT_CA` as well), on the same two cores as the load generator, whose own TLS work is in the figures too.\n")
+add("| Door transport | Requests/s | vs plaintext | p50 ms | p99 ms | p99 vs plaintext | verifier CPU µs/request |")
+add("|---|---|---|---|---|---|---|")
+tls_rows = {b: next((r for r in loads if r["backends"] == b), None)
+            for b in ("embedded, plaintext", "embedded, HTTPS", "embedded, HTTPS + mTLS")}
+plain_row = tls_rows["embedded, plaintext"]
+for b, r in tls_rows.items():
+    if r is None:
+        add(f"| {b} | not measured | | | | | |")
+        continue
+    rps_ratio = fmt(r["throughput_rps"] / plain_row["throughput_rps"]) if plain_row and plain_row["throughput_rps"] else "–"
+    p99_ratio = fmt(r["p99_ms"] / plain_row["p99_ms"]) if plain_row and plain_row["p99_ms"] else "–"
+    add(f"| {b.split(', ', 1)[1]} | {fmt(r['throughput_rps'], 0)} | ×{rps_ratio} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | ×{p99_ratio} | {fmt(r.get('verifier_cpu_us_per_request'), 1)} |")
+add("")
+
 add("## Load runs\n")
 add("Doors: `http` is `POST /verify`; `grpc` is ext_authz `Check` straight to the verifier, built as Envoy builds it; `envoy` is the tool call itself through a real Envoy (`--concurrency 1`, `benches/envoy.yaml.in`) to `examples/upstream.rs`, where an allow is the upstream's 2xx and a deny Envoy's 403 (so denials count as non-2xx there). *Undecided* is any answer that is neither an allow nor a decision to deny (a bad request, an error page); *errors* are requests with no answer. *Verifier CPU* is the verifier's user plus system time during the measured window divided by the requests recorded (all its threads; `/proc/PID/stat`); it repeats far better than requests/s on this shared machine, and at a fixed rate it includes the cost of waking up for each request. *Schedule lag* (open loop only) is how late the load generator itself started requests against their slots; it is included in the latencies, so it bounds how precise they can be.\n")
 add("| Backends | Door | Scenario | Mode | Requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | allow | deny | undecided | errors | non-2xx | verifier peak RSS MiB | verifier CPU µs/request | schedule lag p99 ms | loadgen arguments |")
@@ -169,6 +185,7 @@ if smoke:
                 for r in loads if r["recorded"] == 0 or r["errors"] or r["undecided"]]
     # Every door's rows are there; a missing one would leave a target unjudged.
     expected = [(b, d, closed) for b in ("embedded", FULL, "pg-redis-opa") for d, closed in (("http", True), ("http", False))]
+    expected += [(b, "http", True) for b in ("embedded, plaintext", "embedded, HTTPS", "embedded, HTTPS + mTLS")]
     expected += [("embedded", "grpc", True), (FULL, "grpc", True), (FULL, "grpc", False),
                  (FULL, "envoy", False), ("embedded", "envoy", False), (NO_EXT_AUTHZ, "envoy", False)]
     for b, d, closed in expected:

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 pub use crate::audit::pg_dsn::PgDsn;
 use crate::domain::Mode;
+pub use crate::door_tls::DoorTlsFiles;
 pub use crate::secret::SecretUrl;
 use crate::state::DEFAULT_PENDING_TTL;
 pub use crate::telemetry::LogFormat;
@@ -150,8 +151,8 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "CASF_GRPC_ADDR",
         "grpc-addr",
-        "0.0.0.0:9191",
-        "gRPC listener: ext_authz, health, reflection",
+        "127.0.0.1:9191",
+        "gRPC listener: ext_authz, health, reflection; a non-loopback address needs CASF_TLS_CLIENT_CA or CASF_GRPC_INSECURE_PEERS=true",
     ),
     var(
         "CASF_ROUTES",
@@ -284,6 +285,30 @@ pub const VARIABLES: &[Variable] = &[
         "audit-checkpoint-file",
         "unset",
         "the file serve appends its checkpoints to (with CASF_AUDIT_CHECKPOINT_EVERY)",
+    ),
+    var(
+        "CASF_TLS_CERT",
+        "tls-cert",
+        "unset: plaintext doors",
+        "PEM certificate chain: HTTPS on the HTTP door and TLS on the gRPC door (with CASF_TLS_KEY); re-read every second",
+    ),
+    var(
+        "CASF_TLS_KEY",
+        "tls-key",
+        "unset",
+        "PEM private key of CASF_TLS_CERT",
+    ),
+    var(
+        "CASF_TLS_CLIENT_CA",
+        "tls-client-ca",
+        "unset: no client certificates",
+        "PEM CA file: both doors require a client certificate it signed (mTLS)",
+    ),
+    var(
+        "CASF_GRPC_INSECURE_PEERS",
+        "grpc-insecure-peers",
+        "false",
+        "true lets a non-loopback gRPC door without CASF_TLS_CLIENT_CA start, trusting any peer's JWT claims and identity headers",
     ),
 ];
 
@@ -498,6 +523,12 @@ pub struct Settings {
     pub audit_spool_mode: crate::audit::spool::SpoolMode,
     /// What one client connection may hold, per door.
     pub connections: crate::connections::ConnectionLimits,
+    /// `CASF_TLS_CERT`, `CASF_TLS_KEY`, `CASF_TLS_CLIENT_CA`: TLS on both doors.
+    pub door_tls: Option<DoorTlsFiles>,
+    /// `CASF_GRPC_INSECURE_PEERS`: any peer of the gRPC door may assert
+    /// identities (the operator accepted the risk of a non-loopback,
+    /// non-mTLS door).
+    pub grpc_insecure_peers: bool,
     /// `CASF_ENFORCE`: false is shadow mode.
     pub enforce: bool,
     /// `CASF_POLICY_CANDIDATE_DIR`.
@@ -506,6 +537,16 @@ pub struct Settings {
     pub audit_signing_key: Option<PathBuf>,
     /// `CASF_AUDIT_CHECKPOINT_EVERY` and `CASF_AUDIT_CHECKPOINT_FILE`.
     pub audit_checkpoints: Option<CheckpointSchedule>,
+}
+
+impl Settings {
+    /// Whether `CASF_GRPC_INSECURE_PEERS` is what lets the gRPC door start:
+    /// reachable off loopback, with no client certificates required.
+    pub fn grpc_peers_unauthenticated(&self) -> bool {
+        self.grpc_insecure_peers
+            && !self.grpc_addr.ip().is_loopback()
+            && self.door_tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+    }
 }
 
 /// `serve`'s periodic signed checkpoints.
@@ -550,8 +591,49 @@ impl Settings {
             Some(raw) => raw.parse().map_err(|_| {
                 invalid("CASF_GRPC_ADDR", format!("expected HOST:PORT, got {raw:?}"))
             })?,
-            None => SocketAddr::from(([0, 0, 0, 0], 9191)),
+            // Loopback: the sidecar topology. Anyone who reaches the door
+            // may assert identities unless peers are authenticated.
+            None => SocketAddr::from(([127, 0, 0, 1], 9191)),
         };
+        let door_tls = match (get("CASF_TLS_CERT")?, get("CASF_TLS_KEY")?) {
+            (Some(cert), Some(key)) => Some(DoorTlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+                client_ca: get("CASF_TLS_CLIENT_CA")?.map(PathBuf::from),
+            }),
+            (Some(_), None) => {
+                return Err(invalid("CASF_TLS_KEY", "must be set with CASF_TLS_CERT"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("CASF_TLS_CERT", "must be set with CASF_TLS_KEY"));
+            }
+            (None, None) => {
+                if get("CASF_TLS_CLIENT_CA")?.is_some() {
+                    return Err(invalid(
+                        "CASF_TLS_CLIENT_CA",
+                        "needs CASF_TLS_CERT and CASF_TLS_KEY: client certificates are asked for in a TLS handshake",
+                    ));
+                }
+                None
+            }
+        };
+        let grpc_insecure_peers = parse_bool(
+            "CASF_GRPC_INSECURE_PEERS",
+            get("CASF_GRPC_INSECURE_PEERS")?,
+            false,
+        )?;
+        let peers_certified = door_tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !grpc_addr.ip().is_loopback() && !peers_certified && !grpc_insecure_peers {
+            return Err(invalid(
+                "CASF_GRPC_ADDR",
+                format!(
+                    "{grpc_addr} is not a loopback address, and without CASF_TLS_CLIENT_CA anyone \
+                     who reaches it could assert any identity (JWT claims, identity headers): set \
+                     CASF_TLS_CLIENT_CA (mTLS), bind loopback (sidecar), or accept the risk with \
+                     CASF_GRPC_INSECURE_PEERS=true"
+                ),
+            ));
+        }
         let routes = match get("CASF_ROUTES")? {
             Some(path) => RoutesFile {
                 path: PathBuf::from(path),
@@ -648,6 +730,8 @@ impl Settings {
         Ok(Settings {
             http_addr,
             grpc_addr,
+            door_tls,
+            grpc_insecure_peers,
             routes,
             policy,
             state,
@@ -995,7 +1079,7 @@ mod tests {
         );
         assert!(s.anti_replay_enabled);
         assert_eq!(s.anti_replay_ttl, Duration::from_secs(86_400));
-        assert_eq!(s.grpc_addr, SocketAddr::from(([0, 0, 0, 0], 9191)));
+        assert_eq!(s.grpc_addr, SocketAddr::from(([127, 0, 0, 1], 9191)));
         assert_eq!(
             s.routes,
             RoutesFile {
@@ -1130,6 +1214,35 @@ mod tests {
         let err = settings(&[("PG_DSN", "host=pg password=hunter2 nonsense=hunter2")]).unwrap_err();
         assert_eq!(err.var, "PG_DSN");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn door_tls_comes_in_pairs_and_guards_a_non_loopback_grpc_door() {
+        let var = |vars: &[(&str, &str)]| settings(vars).unwrap_err().var;
+        assert_eq!(var(&[("CASF_TLS_CERT", "/c.pem")]), "CASF_TLS_KEY");
+        assert_eq!(var(&[("CASF_TLS_KEY", "/k.pem")]), "CASF_TLS_CERT");
+        assert_eq!(
+            var(&[("CASF_TLS_CLIENT_CA", "/ca.pem")]),
+            "CASF_TLS_CLIENT_CA"
+        );
+        let tls = [("CASF_TLS_CERT", "/c.pem"), ("CASF_TLS_KEY", "/k.pem")];
+        let s = settings(&tls).unwrap();
+        assert!(s.door_tls.as_ref().is_some_and(|t| t.client_ca.is_none()));
+        // Off loopback: refused without mTLS, unless the risk is accepted.
+        let open = ("CASF_GRPC_ADDR", "0.0.0.0:9191");
+        let err = settings(&[open]).unwrap_err();
+        assert_eq!(err.var, "CASF_GRPC_ADDR");
+        assert!(err.reason.contains("CASF_GRPC_INSECURE_PEERS"), "{err}");
+        assert_eq!(var(&[open, tls[0], tls[1]]), "CASF_GRPC_ADDR");
+        let s = settings(&[open, ("CASF_GRPC_INSECURE_PEERS", "true")]).unwrap();
+        assert!(s.grpc_peers_unauthenticated());
+        let s = settings(&[open, tls[0], tls[1], ("CASF_TLS_CLIENT_CA", "/ca.pem")]).unwrap();
+        assert!(!s.grpc_peers_unauthenticated());
+        let s = settings(&[("CASF_GRPC_INSECURE_PEERS", "true")]).unwrap();
+        assert!(
+            !s.grpc_peers_unauthenticated(),
+            "loopback needs no risk accepted"
+        );
     }
 
     #[test]

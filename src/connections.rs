@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,6 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
+
+use crate::door_tls::{DoorTls, TlsDoor};
+use crate::peer::PeerIdentity;
 
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -132,11 +136,149 @@ impl AsyncWrite for Limited {
     }
 }
 
-impl tonic::transport::server::Connected for Limited {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+/// An admitted connection, in plaintext or TLS, with what the transport
+/// proved about its peer. The gRPC door hands the [`PeerIdentity`] to each
+/// call as its connect info; the HTTP door puts it in each request's
+/// extensions.
+pub struct DoorStream {
+    io: DoorIo,
+    peer: PeerIdentity,
+}
+
+enum DoorIo {
+    Plain(Limited),
+    Tls(Box<tokio_rustls::server::TlsStream<Limited>>),
+}
+
+impl DoorStream {
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// `io` as is, or after a TLS handshake that must end within `timeout`
+    /// (the header timeout: a stalled handshake is a slowloris too). `None`
+    /// when the handshake fails: no certificate, a wrong one, plaintext.
+    async fn open(
+        io: Limited,
+        remote: SocketAddr,
+        tls: Option<(&DoorTls, TlsDoor)>,
+        timeout: Duration,
+    ) -> Option<DoorStream> {
+        let Some((tls, door)) = tls else {
+            return Some(DoorStream {
+                io: DoorIo::Plain(io),
+                peer: PeerIdentity {
+                    sans: Vec::new(),
+                    remote: Some(remote),
+                },
+            });
+        };
+        let failure = match tokio::time::timeout(timeout, tls.acceptor(door).accept(io)).await {
+            Ok(Ok(stream)) => {
+                let peer = tls.peer_identity(stream.get_ref().1, Some(remote));
+                return Some(DoorStream {
+                    io: DoorIo::Tls(Box::new(stream)),
+                    peer,
+                });
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("not complete within {timeout:?}"),
+        };
+        tls.handshake_failed(door);
+        tracing::debug!(door = door.as_str(), %remote, error = %failure, "TLS handshake failed");
+        None
+    }
+}
+
+impl AsyncRead for DoorStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            DoorIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DoorStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.io {
+            DoorIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.io {
+            DoorIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            DoorIo::Plain(io) => io.is_write_vectored(),
+            DoorIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            DoorIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            DoorIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// tonic puts this into every call's extensions, so the ext_authz door reads
+/// the peer with `request.extensions().get::<PeerIdentity>()`.
+impl tonic::transport::server::Connected for DoorStream {
+    type ConnectInfo = PeerIdentity;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.peer.clone()
+    }
+}
+
+/// The HTTP door's service for one connection: the router, with the
+/// connection's [`PeerIdentity`] added to each request's extensions.
+struct WithPeer {
+    inner: TowerToHyperService<Router>,
+    peer: PeerIdentity,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Error;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Future;
+
+    fn call(&self, mut request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer.clone());
+        self.inner.call(request)
     }
 }
 
@@ -186,10 +328,12 @@ impl Slots {
 
 /// Serves `app` on `listener` with `limits` until `shutdown` resolves, then
 /// lets open requests finish (idle keep-alive connections close at once).
+/// With `tls`, every connection is HTTPS.
 pub async fn serve_http(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<DoorTls>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let slots = Slots::new(limits, "http");
@@ -202,9 +346,9 @@ pub async fn serve_http(
     let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // EMFILE and friends: the listener itself is fine.
                     tracing::debug!(%error, "HTTP accept failed");
@@ -218,9 +362,23 @@ pub async fn serve_http(
             continue;
         };
         let builder = builder.clone();
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
+        let tls = tls.clone();
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
+            let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Http));
+            let opened = DoorStream::open(io, remote, tls, limits.header_timeout);
+            let io = tokio::select! {
+                opened = opened => match opened {
+                    Some(io) => io,
+                    None => return,
+                },
+                _ = stopping.wait_for(|stop| *stop) => return,
+            };
+            let service = WithPeer {
+                inner: TowerToHyperService::new(app),
+                peer: io.peer().clone(),
+            };
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(connection);
             let mut draining = false;
@@ -246,18 +404,51 @@ pub async fn serve_http(
     Ok(())
 }
 
-/// The gRPC door's accepted connections, each holding a slot, for tonic.
+/// The gRPC door's accepted connections, each holding a slot, for tonic;
+/// with `tls`, after their handshake. Handshakes run in their own tasks, so
+/// a slow one does not hold up the next accept.
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
-) -> impl tokio_stream::Stream<Item = io::Result<Limited>> {
-    use tokio_stream::StreamExt;
+    tls: Option<Arc<DoorTls>>,
+) -> impl tokio_stream::Stream<Item = io::Result<DoorStream>> {
     let slots = Slots::new(limits, "grpc");
-    tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
-        match accepted {
-            Ok(stream) => slots.admit(stream).map(Ok),
-            // Passed on: tonic logs it and keeps accepting.
-            Err(error) => Some(Err(error)),
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<DoorStream>>(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // tonic dropped the stream: it stopped accepting.
+                () = tx.closed() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Passed on: tonic logs it and keeps accepting.
+                    if tx.send(Err(error)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(io) = slots.admit(stream) else {
+                continue;
+            };
+            let tx = tx.clone();
+            let handshake = tls.is_some();
+            let tls = tls.clone();
+            let open = async move {
+                let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Grpc));
+                if let Some(io) = DoorStream::open(io, remote, tls, limits.header_timeout).await {
+                    let _ = tx.send(Ok(io)).await;
+                }
+            };
+            if handshake {
+                tokio::spawn(open);
+            } else {
+                open.await;
+            }
         }
-    })
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

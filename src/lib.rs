@@ -12,6 +12,7 @@ pub mod config;
 pub mod connections;
 pub mod dev_token;
 pub mod domain;
+pub mod door_tls;
 pub mod ext_authz;
 pub mod grpc;
 pub mod health;

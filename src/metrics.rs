@@ -152,9 +152,21 @@ struct ModeLabels {
     mode: &'static str,
 }
 
+/// Door TLS series: `cert` (server, client_ca), `result` (ok, refused) and
+/// `door` (http, grpc) each take a fixed set of values.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    cert: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsDoorLabels {
+    door: &'static str,
 }
 
 /// Only the live policy's hash is ever a label value (one series).
@@ -382,6 +394,10 @@ pub struct Metrics {
     build_info: Family<BuildLabels, Gauge>,
     mode_floor: Family<ModeLabels, Gauge>,
     spool: SpoolMetrics,
+    tls_cert_expiry: Family<CertLabels, Gauge>,
+    tls_reloads: Family<ResultLabels, Counter>,
+    tls_handshake_failures: Family<TlsDoorLabels, Counter>,
+    grpc_insecure_peers: Gauge,
     caller_rejections: Family<RejectionLabels, Counter>,
     callers_unauthenticated: Gauge,
     callers_reloads: Family<ResultLabels, Counter>,
@@ -442,6 +458,10 @@ impl Metrics {
             callers_unauthenticated: Gauge::default(),
             callers_reloads: Family::default(),
             policy: PolicyMetrics::default(),
+            tls_cert_expiry: Family::default(),
+            tls_reloads: Family::default(),
+            tls_handshake_failures: Family::default(),
+            grpc_insecure_peers: Gauge::default(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -627,6 +647,42 @@ impl Metrics {
                 .inc_by(0);
         }
         m.register_policy(&mut registry);
+        registry.register(
+            "casf_tls_cert_expiry_timestamp_seconds",
+            "notAfter of the door TLS certificate in use (cert=server) and the earliest of \
+             the client CA (cert=client_ca), Unix seconds; absent without CASF_TLS_CERT",
+            m.tls_cert_expiry.clone(),
+        );
+        registry.register(
+            "casf_tls_reload",
+            "Changes of the door TLS files: ok (in use for new handshakes) or refused \
+             (did not load; the previous certificate stays)",
+            m.tls_reloads.clone(),
+        );
+        for result in ["ok", "refused"] {
+            m.tls_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc_by(0);
+        }
+        registry.register(
+            "casf_tls_handshake_failed",
+            "TLS handshakes on a door that failed or timed out (a client without an \
+             accepted certificate, a plaintext client, a stalled handshake)",
+            m.tls_handshake_failures.clone(),
+        );
+        for door in crate::door_tls::TlsDoor::ALL {
+            m.tls_handshake_failures
+                .get_or_create(&TlsDoorLabels {
+                    door: door.as_str(),
+                })
+                .inc_by(0);
+        }
+        registry.register(
+            "casf_grpc_insecure_peers",
+            "1 when CASF_GRPC_INSECURE_PEERS=true lets unauthenticated peers on a \
+             non-loopback gRPC door assert identities (JWT claims, trusted headers)",
+            m.grpc_insecure_peers.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
@@ -803,6 +859,20 @@ impl Metrics {
             .inc();
     }
 
+    /// `cert` is one of [`crate::door_tls::EXPIRY_CERTS`].
+    pub fn tls_cert_expiry(&self, cert: &'static str, not_after: i64) {
+        self.tls_cert_expiry
+            .get_or_create(&CertLabels { cert })
+            .set(not_after);
+    }
+
+    pub fn tls_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     /// Shows `hash` as the live policy, removing `previous`'s series.
     pub fn policy_live(&self, previous: Option<&str>, hash: &str) {
         if let Some(previous) = previous.filter(|p| *p != hash) {
@@ -824,6 +894,14 @@ impl Metrics {
             .shadow_decisions
             .get_or_create(&DecisionLabels {
                 decision: decision.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn tls_handshake_failed(&self, door: crate::door_tls::TlsDoor) {
+        self.tls_handshake_failures
+            .get_or_create(&TlsDoorLabels {
+                door: door.as_str(),
             })
             .inc();
     }
@@ -853,6 +931,10 @@ impl Metrics {
                 candidate: candidate.as_str(),
             })
             .inc();
+    }
+
+    pub fn grpc_insecure_peers(&self, on: bool) {
+        self.grpc_insecure_peers.set(i64::from(on));
     }
 
     /// Prometheus text exposition (format 0.0.4).

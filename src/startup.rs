@@ -29,6 +29,7 @@ use crate::config::{
     AuditBackend, ConfigError, PolicyBackend, Redactor, RoutesFile, Settings, StateBackend,
 };
 use crate::domain::Mode;
+use crate::door_tls::DoorTls;
 use crate::ext_authz::routes::{RouteMap, RouteMapError};
 use crate::health::Readiness;
 use crate::http::{AppState, router};
@@ -72,6 +73,8 @@ pub enum StartupError {
     ModeFloor(#[from] crate::mode_floor::FloorFileError),
     #[error("audit checkpoints: {0}")]
     Checkpoints(String),
+    #[error("door TLS: {0}")]
+    DoorTls(#[from] crate::door_tls::DoorTlsError),
     #[error("{var} is set, but this build has no {backend} backend yet")]
     Unsupported {
         var: &'static str,
@@ -286,6 +289,8 @@ pub struct Application {
     connections: crate::connections::ConnectionLimits,
     /// `CASF_AUDIT_CHECKPOINT_EVERY`: signed checkpoints of the chain head.
     checkpoints: Option<crate::audit::checkpoint::Schedule>,
+    door_tls: Option<Arc<DoorTls>>,
+    grpc_insecure_peers: bool,
 }
 
 impl Application {
@@ -350,6 +355,32 @@ impl Application {
             metrics.track_state_keys(state.max_keys(), move || state.keys_held());
         }
         let metrics = Arc::new(metrics);
+        let door_tls = match &settings.door_tls {
+            Some(files) => {
+                let tls = DoorTls::load(files.clone(), metrics.clone())?;
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    client_certificates = if tls.requires_client_certs() { "required" } else { "not asked for" },
+                    "TLS on both doors (HTTPS and gRPC over TLS); the files are re-read every second"
+                );
+                Some(tls)
+            }
+            None => None,
+        };
+        let grpc_insecure_peers = settings.grpc_peers_unauthenticated();
+        metrics.grpc_insecure_peers(grpc_insecure_peers);
+        if grpc_insecure_peers {
+            tracing::warn!(
+                grpc = %settings.grpc_addr,
+                "CASF_GRPC_INSECURE_PEERS=true: the gRPC door is reachable off loopback without client \
+                 certificates, and ANY peer that reaches it may assert any identity (JWT claims, \
+                 identity headers). Restrict it by network policy, or set CASF_TLS_CLIENT_CA (mTLS)"
+            );
+        } else if settings.grpc_insecure_peers {
+            tracing::info!(
+                "CASF_GRPC_INSECURE_PEERS=true has no effect: the gRPC door's peers are loopback or certified"
+            );
+        }
         // A floor file that cannot be read refuses to start: the operator
         // asked for a floor, and guessing one could be too low.
         let floor = Arc::new(ModeFloor::new(settings.mode_floor));
@@ -456,6 +487,8 @@ impl Application {
             callers,
             connections: settings.connections,
             checkpoints,
+            door_tls,
+            grpc_insecure_peers,
         })
     }
 
@@ -489,6 +522,8 @@ impl Application {
             callers,
             connections,
             checkpoints,
+            door_tls,
+            grpc_insecure_peers,
             ..
         } = self;
         let (drain, draining) = watch::channel(false);
@@ -528,16 +563,28 @@ impl Application {
             hangup,
             stopped(draining.clone()),
         ));
+        if let Some(tls) = &door_tls {
+            tokio::spawn(tls.clone().follow(stopped(draining.clone())));
+        }
         let grpc = crate::grpc::serve(
             grpc_listener,
             connections,
+            crate::grpc::GrpcTransport {
+                tls: door_tls.clone(),
+                insecure_peers: grpc_insecure_peers,
+            },
             state.pipeline.clone(),
             state.readiness.clone(),
             draining.clone(),
             stopped(draining.clone()),
         );
-        let http =
-            crate::connections::serve_http(listener, router(state), connections, stopped(draining));
+        let http = crate::connections::serve_http(
+            listener,
+            router(state),
+            connections,
+            door_tls,
+            stopped(draining),
+        );
         let (http, grpc) = tokio::join!(
             async {
                 let result = http.await;

@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 
 use casf_verifier::domain::{Mode, Role, Tool, VerifyRequest};
 use casf_verifier::ext_authz::routes::RouteMap;
-use casf_verifier::ext_authz::translate::{CheckError, tool_call};
+use casf_verifier::ext_authz::translate::{CheckError, tool_call_from};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use proptest::prelude::*;
@@ -184,9 +184,10 @@ proptest! {
             ("x-casf-mode".to_owned(), mode.clone()),
             ("content-type".to_owned(), "application/json".to_owned()),
         ];
-        let result = tool_call(&routes, &check(&method, &path, headers, body.to_string()));
-        // What the route map sees: the path without its query string.
-        let path_only = path.split('?').next().unwrap_or_default();
+        let result = tool_call_from(&routes, &check(&method, &path, headers, body.to_string()), true);
+        // What the route map sees: the path without its query string or
+        // fragment (translation drops both).
+        let path_only = path.split(['?', '#']).next().unwrap_or_default();
         let resolved = routes.resolve(&method, path_only);
         match result {
             Ok(request) => {

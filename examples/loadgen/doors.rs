@@ -98,9 +98,28 @@ pub enum DoorClient {
 }
 
 impl DoorClient {
-    pub fn http(base: &str, connections: usize) -> Result<Self, String> {
+    /// `tls`: for an `https://` base, the CA that signs the verifier's
+    /// certificate and, for mTLS, a client certificate.
+    pub fn http(
+        base: &str,
+        connections: usize,
+        tls: Option<&casf_verifier::tls::ClientTls>,
+    ) -> Result<Self, String> {
+        let client = match tls {
+            None => http_client(connections)?,
+            Some(tls) => {
+                let config =
+                    casf_verifier::tls::client_config("loadgen", tls).map_err(|e| e.to_string())?;
+                casf_verifier::tls::http_client_builder()
+                    .use_preconfigured_tls(config)
+                    .pool_max_idle_per_host(connections)
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(|e| e.to_string())?
+            }
+        };
         Ok(DoorClient::Http {
-            client: http_client(connections)?,
+            client,
             url: format!("{}/verify", base.trim_end_matches('/')),
         })
     }
@@ -345,7 +364,7 @@ mod tests {
         let workload = Workload::new(Scenario::Mix);
         for n in 0..20 {
             let call = workload.call(n);
-            let mapped = translate::tool_call(&routes, &check_request(&call)).unwrap();
+            let mapped = translate::tool_call_from(&routes, &check_request(&call), true).unwrap();
             let direct = VerifyRequest::from_value(call.verify_body()).unwrap();
             assert_eq!(mapped, direct, "call {n}: {call:?}");
         }

@@ -15,6 +15,8 @@
 //! ```text
 //! cargo run --release --example loadgen -- --door http --url http://127.0.0.1:8000 \
 //!     --scenario mix --connections 32 --duration 10
+//! cargo run --release --example loadgen -- --door http --url https://localhost:8443 \
+//!     --ca ca.pem --client-cert client.pem --client-key client.key
 //! cargo run --release --example loadgen -- --door grpc --url http://127.0.0.1:9191 --rate 1000
 //! cargo run --release --example loadgen -- --door envoy --url http://127.0.0.1:10000 --rate 1000
 //! ```
@@ -89,6 +91,15 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// PEM CA that signs the verifier's certificate, for an `https://` URL
+    /// (the HTTP door with CASF_TLS_CERT).
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for a door with CASF_TLS_CLIENT_CA.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -219,7 +230,16 @@ async fn main() -> Result<(), String> {
         .unwrap_or_else(|| args.door.default_url().to_owned());
     ensure_loopback(&url)?;
     let door = match args.door {
-        Door::Http => DoorClient::http(&url, args.connections)?,
+        Door::Http => {
+            let tls = url
+                .starts_with("https://")
+                .then(|| casf_verifier::tls::ClientTls {
+                    ca: args.ca.clone(),
+                    cert: args.client_cert.clone(),
+                    key: args.client_key.clone(),
+                });
+            DoorClient::http(&url, args.connections, tls.as_ref())?
+        }
         Door::Grpc => DoorClient::grpc(&url).await?,
         Door::Envoy => DoorClient::envoy(&url, args.connections)?,
     };

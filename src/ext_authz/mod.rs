@@ -47,11 +47,32 @@ enum Outcome {
 /// once per Check so that translation and decision use the same policy set.
 pub struct ExtAuthz {
     pipeline: Arc<Pipeline>,
+    /// `CASF_GRPC_INSECURE_PEERS`: every peer may assert identities.
+    insecure_peers: bool,
 }
 
 impl ExtAuthz {
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
-        ExtAuthz { pipeline }
+        ExtAuthz {
+            pipeline,
+            insecure_peers: false,
+        }
+    }
+
+    /// Accept JWT claims and trusted headers from any peer, as the operator
+    /// chose with `CASF_GRPC_INSECURE_PEERS=true`.
+    pub fn trusting_insecure_peers(mut self, insecure_peers: bool) -> Self {
+        self.insecure_peers = insecure_peers;
+        self
+    }
+
+    /// Whether this peer may assert who the caller is (JWT claims in
+    /// `metadata_context`, `identity.headers.trusted`): only one that proved
+    /// itself with a client certificate, one on loopback (the sidecar
+    /// topology), or any when the operator accepted the risk. Anyone else
+    /// who reaches the port could claim to be anyone.
+    fn may_assert_identity(&self, peer: Option<&PeerIdentity>) -> bool {
+        self.insecure_peers || peer.is_some_and(|p| p.is_certified() || p.is_loopback())
     }
 
     /// The caller's request id, for answers that have no tool call.
@@ -152,6 +173,7 @@ impl Authorization for ExtAuthz {
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
         let peer = request.extensions().get::<PeerIdentity>().cloned();
+        let trusted = self.may_assert_identity(peer.as_ref());
         let check = request.into_inner();
         let request_id = Self::request_id(&check);
         let set = self.pipeline.live().current();
@@ -161,7 +183,11 @@ impl Authorization for ExtAuthz {
         let caller = match self.pipeline.callers() {
             None => None,
             Some(callers) => {
-                let subject = translate::jwt_subject(&routes, &check);
+                // A JWT subject counts only from a peer that may assert
+                // identities, as the claims themselves do.
+                let subject = trusted
+                    .then(|| translate::jwt_subject(&routes, &check))
+                    .flatten();
                 match callers
                     .current()
                     .authenticate_envoy(subject.as_deref(), peer.as_ref())
@@ -178,8 +204,9 @@ impl Authorization for ExtAuthz {
         // and answered as an explicit deny rather than a dropped stream. The
         // decision itself runs in the pipeline's own task, which turns its
         // panics into fail-closed denies and finishes even when Envoy cancels.
-        let translated =
-            std::panic::catch_unwind(AssertUnwindSafe(|| translate::tool_call(&routes, &check)));
+        let translated = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            translate::tool_call_from(&routes, &check, trusted)
+        }));
         let outcome = match translated {
             Ok(Ok(request)) => Outcome::Decided {
                 request_id: request.request_id.as_str().to_owned(),
@@ -277,8 +304,13 @@ mod tests {
                 ..Default::default()
             }),
         };
+        let mut request = Request::new(check);
+        request.extensions_mut().insert(PeerIdentity {
+            sans: vec![],
+            remote: Some("127.0.0.1:40000".parse().unwrap()),
+        });
         let response = door
-            .check(Request::new(check))
+            .check(request)
             .await
             .expect("a CheckResponse, not a gRPC error")
             .into_inner();
@@ -306,6 +338,114 @@ mod tests {
             "casf_verify_in_flight 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?}");
+        }
+    }
+
+    /// A policy that allows everything, so the identity alone decides
+    /// whether a Check is decided.
+    struct AllowAll;
+
+    #[async_trait::async_trait]
+    impl PolicyEngine for AllowAll {
+        fn backend(&self) -> &'static str {
+            "allow-all"
+        }
+        async fn evaluate(&self, _: &serde_json::Value) -> Result<PolicyVerdict, PolicyError> {
+            Ok(PolicyVerdict {
+                allow: true,
+                violations: vec![],
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_from_an_uncertified_peer_off_loopback_are_not_an_identity() {
+        let state = Arc::new(MemoryState::new(
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            1024,
+        ));
+        let routes = RouteMap::parse(
+            "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
+        )
+        .unwrap();
+        let live = crate::policy::live::LivePolicy::fixed(crate::policy::live::PolicySet::fixed(
+            Arc::new(AllowAll),
+            routes,
+        ));
+        let pipeline = Arc::new(
+            Pipeline::new(
+                Arc::new(AllowAll),
+                None,
+                state,
+                None,
+                Arc::new(crate::metrics::Metrics::new()),
+                SmsLimit::default(),
+            )
+            .with_live_policy(Arc::new(live)),
+        );
+        let check = |n: u32| {
+            translate::tests::with_claims(
+                CheckRequest {
+                    attributes: Some(AttributeContext {
+                        request: Some(AttrRequest {
+                            http: Some(HttpRequest {
+                                method: "GET".into(),
+                                path: "/h/p-1".into(),
+                                headers: [
+                                    ("x-request-id".to_owned(), format!("r-{n}")),
+                                    ("x-casf-role".to_owned(), "doctor".to_owned()),
+                                ]
+                                .into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                },
+                serde_json::json!({"casf_role": "nurse", "casf_tenant_id": "clinic-a"}),
+            )
+        };
+        let off_loopback = Some("10.0.0.7:40000".parse().unwrap());
+        let uncertified = PeerIdentity {
+            sans: vec![],
+            remote: off_loopback,
+        };
+        let certified = PeerIdentity {
+            sans: vec!["spiffe://clinic/ns/mesh/sa/envoy".into()],
+            remote: off_loopback,
+        };
+        let status = |response: &CheckResponse| match &response.http_response {
+            Some(HttpResponse::DeniedResponse(denied)) => denied.status.as_ref().unwrap().code,
+            Some(HttpResponse::OkResponse(_)) => 200,
+            _ => panic!("no HTTP answer: {response:?}"),
+        };
+        let mut cases = vec![
+            (Some(uncertified.clone()), false, 400),
+            (None, false, 400),
+            (Some(certified), false, 200),
+            (Some(uncertified), true, 200),
+        ];
+        for (n, (peer, insecure, expected)) in cases.drain(..).enumerate() {
+            let door = ExtAuthz::new(pipeline.clone()).trusting_insecure_peers(insecure);
+            let mut request = Request::new(check(n as u32));
+            if let Some(peer) = peer.clone() {
+                request.extensions_mut().insert(peer);
+            }
+            let response = door.check(request).await.unwrap().into_inner();
+            assert_eq!(
+                status(&response),
+                expected,
+                "peer {peer:?}, insecure {insecure}"
+            );
+            if expected == 400 {
+                let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else {
+                    unreachable!()
+                };
+                let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+                assert_eq!(body["field"], "role", "{body}");
+            }
         }
     }
 }

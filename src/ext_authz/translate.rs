@@ -117,8 +117,21 @@ pub fn request_id(headers: &HashMap<String, String>) -> Option<&str> {
     })
 }
 
-/// Maps a Check to the tool call it stands for.
+/// [`tool_call_from`] a peer that may assert identities.
+#[cfg(test)]
 pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyRequest, CheckError> {
+    tool_call_from(routes, check, true)
+}
+
+/// Maps a Check to the tool call it stands for. `peer_authenticated` says
+/// whether the peer that sent it may assert identities: when it is false,
+/// JWT claims and trusted headers are ignored, so the call has no role and
+/// is refused as a bad request, as one without identity is.
+pub fn tool_call_from(
+    routes: &RouteMap,
+    check: &CheckRequest,
+    peer_authenticated: bool,
+) -> Result<VerifyRequest, CheckError> {
     let attributes = check.attributes.as_ref();
     let http = attributes
         .and_then(|a| a.request.as_ref())
@@ -160,6 +173,7 @@ pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyReques
     }
 
     let claims = attributes
+        .filter(|_| peer_authenticated)
         .and_then(|a| a.metadata_context.as_ref())
         .and_then(|m| {
             m.filter_metadata
@@ -177,8 +191,7 @@ pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyReques
                 )),
             };
         }
-        Ok(trusted
-            .trusted
+        Ok((trusted.trusted && peer_authenticated)
             .then(|| headers.get(header).cloned())
             .flatten())
     };
@@ -189,6 +202,13 @@ pub fn tool_call(routes: &RouteMap, check: &CheckRequest) -> Result<VerifyReques
         "context.tenant_id",
     )?;
     let Some(role) = role else {
+        if !peer_authenticated {
+            return Err(CheckError::invalid(
+                "role",
+                "identity is taken only from an authenticated peer (a client certificate \
+                 verified against CASF_TLS_CLIENT_CA, or loopback); this peer is neither",
+            ));
+        }
         let headers_note = if trusted.trusted {
             format!(" nor a {} header", trusted.role)
         } else {
@@ -374,7 +394,7 @@ fn struct_field<'a>(s: &'a Struct, key: &str) -> Option<&'a Struct> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::domain::{Mode, Role, Tool};
     use envoy_types::pb::envoy::config::core::v3::Metadata;
@@ -416,7 +436,7 @@ routes:
         }
     }
 
-    fn with_claims(mut check: CheckRequest, claims: Value) -> CheckRequest {
+    pub(crate) fn with_claims(mut check: CheckRequest, claims: Value) -> CheckRequest {
         fn pb(value: Value) -> PbValue {
             let kind = match value {
                 Value::String(s) => Kind::StringValue(s),
@@ -487,6 +507,26 @@ routes:
         )
         .unwrap_err();
         assert_eq!(err.field(), "request_id");
+    }
+
+    #[test]
+    fn an_unauthenticated_peer_asserts_no_identity() {
+        let headers = [
+            ID,
+            ("x-casf-role", "doctor"),
+            ("x-casf-tenant-id", "clinic-a"),
+        ];
+        let with_jwt = with_claims(
+            check("POST", "/sms/p", &headers, ""),
+            json!({"casf_role": "billing", "casf_tenant_id": "clinic-a", "sub": "u"}),
+        );
+        let plain = check("POST", "/sms/p", &headers, "");
+        for c in [&with_jwt, &plain] {
+            assert!(tool_call_from(&routes(true), c, true).is_ok());
+            let err = tool_call_from(&routes(true), c, false).unwrap_err();
+            assert_eq!(err.field(), "role");
+            assert!(err.to_string().contains("authenticated peer"), "{err}");
+        }
     }
 
     #[test]

@@ -41,11 +41,21 @@ impl GrpcError {
 /// How long a keep-alive ping may go unanswered before the connection is dropped.
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// How the gRPC door is exposed: TLS, and whether identities asserted by
+/// unauthenticated peers are accepted (`CASF_GRPC_INSECURE_PEERS`).
+#[derive(Clone, Default)]
+pub struct GrpcTransport {
+    pub tls: Option<Arc<crate::door_tls::DoorTls>>,
+    pub insecure_peers: bool,
+}
+
 /// Serves until `shutdown` resolves, then drains open calls. `draining`
 /// turns gRPC health to NOT_SERVING as soon as shutdown starts.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     limits: crate::connections::ConnectionLimits,
+    transport: GrpcTransport,
     pipeline: Arc<Pipeline>,
     readiness: Arc<Readiness>,
     draining: watch::Receiver<bool>,
@@ -63,14 +73,16 @@ pub async fn serve(
         // A peer gone silent is found by pings, then closed by the idle timeout.
         .http2_keepalive_interval(Some(limits.idle_timeout / 2))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(AuthorizationServer::new(ExtAuthz::new(pipeline)))
+        .add_service(AuthorizationServer::new(
+            ExtAuthz::new(pipeline).trusting_insecure_peers(transport.insecure_peers),
+        ))
         .add_service(HealthServer::new(GrpcHealth::new(readiness, draining)))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         // TCP_NODELAY: a response is several HTTP/2 frames, and Nagle would
         // hold the later ones back until the client's delayed ACK (~40 ms).
         .serve_with_incoming_shutdown(
-            crate::connections::grpc_incoming(listener, limits),
+            crate::connections::grpc_incoming(listener, limits, transport.tls),
             shutdown,
         )
         .await?;

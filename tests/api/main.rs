@@ -11,6 +11,7 @@ mod callers;
 mod connections;
 mod contract;
 mod disconnect;
+mod door_tls;
 mod ext_authz;
 mod helpers;
 mod mode_floor;
@@ -20,6 +21,8 @@ mod otel;
 #[path = "../support/otlp_receiver.rs"]
 mod otlp_receiver;
 mod pg;
+#[path = "../support/pki.rs"]
+mod pki;
 mod policy_reload;
 mod postgres_audit;
 mod production;

@@ -127,6 +127,7 @@ async fn metrics_have_the_guide_types_and_buckets_and_no_unbounded_labels() {
         "scope",
         "live",
         "candidate",
+        "cert",
     ];
     // casf_build_info's two labels have one value per binary, and
     // casf_policy_info's hash one series (the live policy's).

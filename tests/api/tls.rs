@@ -4,132 +4,16 @@
 //! certificates are made here with the `openssl` CLI; a second CA that
 //! signed nothing stands in for a wrong trust anchor (or an impostor).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::helpers::{request, spawn_app_with};
 use crate::pg::{PrivateCluster, Server, audit_rows, cli, printed};
+use crate::pki::TestPki;
 use crate::servers::{OpaServer, RedisServer, wait_until};
 use casf_verifier::config::Settings;
 use casf_verifier::startup::Application;
-
-/// A test CA, a server certificate it signed (localhost and 127.0.0.1), a
-/// client certificate it signed, an unrelated CA, and a server certificate
-/// for the same names signed by that one (an impostor).
-struct TestPki {
-    dir: tempfile::TempDir,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", printed(&out));
-}
-
-impl TestPki {
-    fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("casf-pki-")
-            .tempdir_in("/tmp")
-            .expect("temp dir");
-        let d = dir.path();
-        for ca in ["ca", "wrong-ca"] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=casf test {ca}"),
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.pem"),
-                ],
-            );
-        }
-        let server_ext = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
-        for (name, ext, ca) in [
-            ("server", server_ext, "ca"),
-            ("client", "extendedKeyUsage=clientAuth\n", "ca"),
-            // Right names, wrong issuer: a server impersonated on the network.
-            ("impostor", server_ext, "wrong-ca"),
-        ] {
-            std::fs::write(d.join(format!("{name}.ext")), ext).expect("extensions file");
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-subj",
-                    &format!("/CN={name}"),
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                ],
-            );
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    &format!("{ca}.pem"),
-                    "-CAkey",
-                    &format!("{ca}.key"),
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            );
-        }
-        // redis-server and PostgreSQL may run as another user.
-        let status = Command::new("chmod")
-            .arg("-R")
-            .arg("a+rX")
-            .arg(d)
-            .status()
-            .expect("chmod");
-        assert!(status.success());
-        TestPki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn shown(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-}
 
 #[tokio::test]
 async fn postgres_with_verify_full_and_no_plaintext() {

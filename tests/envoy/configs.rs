@@ -39,6 +39,23 @@ fn envoy_validates_every_envoy_config_in_the_repo() {
         "the front proxy config was not found: {configs:?}"
     );
     let compose_dir = repo().join("deploy/compose");
+    // The mTLS variant names certificate files the operator mounts; Envoy
+    // opens them to validate, so test-made ones stand in.
+    let pki = crate::pki::TestPki::new();
+    pki.issue(
+        "envoy",
+        "subjectAltName=URI:spiffe://clinic/ns/mesh/sa/envoy\nextendedKeyUsage=clientAuth\n",
+        "ca",
+    );
+    let tls_dir = tempfile::tempdir().unwrap();
+    for (mounted, made) in [
+        ("envoy.crt", "envoy.pem"),
+        ("envoy.key", "envoy.key"),
+        ("ca.crt", "ca.pem"),
+    ] {
+        std::fs::copy(pki.path(made), tls_dir.path().join(mounted)).unwrap();
+    }
+    let tls_dir_shown = format!("{}/", tls_dir.path().display());
     for config in &configs {
         // A compose variant names paths inside its container: validate it
         // with those mapped back to the files the compose file mounts there.
@@ -48,6 +65,7 @@ fn envoy_validates_every_envoy_config_in_the_repo() {
         } else {
             text
         };
+        let text = text.replace(MTLS_DIR, &tls_dir_shown);
         let dir = tempfile::tempdir().unwrap();
         let resolved = dir.path().join("envoy.yaml");
         std::fs::write(&resolved, text).unwrap();
@@ -72,6 +90,46 @@ fn envoy_validates_every_envoy_config_in_the_repo() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// Where `envoy/envoy-mtls.yaml` expects its certificate files.
+const MTLS_DIR: &str = "/etc/envoy/casf-tls/";
+
+#[test]
+fn the_mtls_front_proxy_is_the_front_proxy_with_tls_to_the_verifier() {
+    let mut mtls = yaml("envoy/envoy-mtls.yaml");
+    let clusters = mtls["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap();
+    let verifier = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "casf_verifier")
+        .expect("the casf_verifier cluster");
+    let socket = verifier
+        .as_mapping_mut()
+        .unwrap()
+        .remove("transport_socket")
+        .expect("a transport socket on the casf_verifier cluster");
+    let tls = &socket["typed_config"]["common_tls_context"];
+    for file in [
+        &tls["tls_certificates"][0]["certificate_chain"]["filename"],
+        &tls["tls_certificates"][0]["private_key"]["filename"],
+        &tls["validation_context"]["trusted_ca"]["filename"],
+    ] {
+        assert!(file.as_str().unwrap().starts_with(MTLS_DIR), "{file:?}");
+    }
+    assert!(
+        tls["validation_context"]["match_typed_subject_alt_names"]
+            .as_sequence()
+            .is_some_and(|s| !s.is_empty()),
+        "the verifier's certificate must be matched by name"
+    );
+    // Otherwise the same file, so a change to one is made to both.
+    assert_eq!(
+        mtls,
+        yaml("envoy/envoy.yaml"),
+        "envoy-mtls.yaml drifted from envoy.yaml"
+    );
 }
 
 fn yaml(path: &str) -> Value {
@@ -329,6 +387,7 @@ fn every_envoy_front_proxy_sets_the_mode_header_itself() {
     let header = routes["mode"]["header"].as_str().unwrap_or("x-casf-mode");
     for path in [
         "envoy/envoy.yaml",
+        "envoy/envoy-mtls.yaml",
         "envoy/envoy-dev.yaml",
         "deploy/compose/envoy.yaml",
         "deploy/kubernetes/files/envoy.yaml",

@@ -93,11 +93,11 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn start(routes_yaml: &str) -> Verifier {
-        Self::start_with(routes_yaml, &[])
+        Verifier::start_with(routes_yaml, &[])
     }
 
-    /// [`Self::start`] with more environment variables.
-    pub fn start_with(routes_yaml: &str, env: &[(&str, &str)]) -> Verifier {
+    /// [`Verifier::start`] with more environment variables (they win).
+    pub fn start_with(routes_yaml: &str, extra: &[(&str, String)]) -> Verifier {
         let dir = tempfile::tempdir().unwrap();
         let routes = dir.path().join("routes.yaml");
         std::fs::write(&routes, routes_yaml).unwrap();
@@ -112,7 +112,7 @@ impl Verifier {
             .env("CASF_ROUTES", &routes)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -224,7 +224,7 @@ impl Drop for Verifier {
 /// The Envoy config the tests run: the shipped front proxy's filter chain
 /// (jwt_authn, then ext_authz with the same settings), on loopback ports,
 /// with a local JWKS and a file access log of the ext_authz metadata.
-const ENVOY_TEMPLATE: &str = r#"
+pub const ENVOY_TEMPLATE: &str = r#"
 static_resources:
   listeners:
     - name: tools
@@ -376,9 +376,19 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(grpc_port: u16, upstream_port: u16, idp: &Idp) -> Envoy {
+        Envoy::start_from(ENVOY_TEMPLATE, grpc_port, upstream_port, idp).await
+    }
+
+    /// [`Envoy::start`] on a variant of [`ENVOY_TEMPLATE`].
+    pub async fn start_from(
+        template: &str,
+        grpc_port: u16,
+        upstream_port: u16,
+        idp: &Idp,
+    ) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let access_log = dir.path().join("access.log");
-        let config = ENVOY_TEMPLATE
+        let config = template
             .replace("@ACCESS_LOG@", &access_log.display().to_string())
             .replace("@JWKS@", &idp.jwks())
             .replace("@GRPC_PORT@", &grpc_port.to_string())
@@ -494,7 +504,8 @@ impl Stack {
     /// A stack whose verifier has this route map and environment.
     pub async fn start_with(routes_yaml: &str, env: &[(&str, &str)]) -> Stack {
         let _ = envoy_bin();
-        let verifier = Verifier::start_with(routes_yaml, env);
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let verifier = Verifier::start_with(routes_yaml, &env);
         let upstream = Upstream::start().await;
         let idp = Idp::new();
         let envoy = Envoy::start(verifier.grpc_port, upstream.port, &idp).await;

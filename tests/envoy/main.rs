@@ -6,6 +6,9 @@
 mod configs;
 mod e2e;
 mod harness;
+mod mtls;
+#[path = "../support/pki.rs"]
+mod pki;
 mod quickstart;
 #[path = "../support/upstream.rs"]
 mod upstream;
