@@ -359,13 +359,19 @@ impl RedisState {
     /// runs it after the claim whenever that runs; it deletes only a claim
     /// with our owner token.
     fn release_late_claim(&self, key: String, fingerprint: &str, owner: String) {
+        let args = vec![Value::from(fingerprint), Value::from(owner)];
+        self.release_in_background("releasing a timed-out claim", key, args);
+    }
+
+    /// Runs the release script on `key` in the background until Redis
+    /// answers (see [`Self::retry_in_background`]).
+    fn release_in_background(&self, what: &'static str, key: String, args: Vec<Value>) {
         let (client, options, script) = (
             self.client.clone(),
             self.options.clone(),
             self.release.clone(),
         );
-        let args = vec![Value::from(fingerprint), Value::from(owner)];
-        self.retry_in_background("releasing a timed-out claim", move || {
+        self.retry_in_background(what, move || {
             let (client, options, script, key, args) = (
                 client.clone(),
                 options.clone(),
@@ -559,25 +565,7 @@ impl ReplayGuard for RedisState {
         if released.is_err() {
             // Left pending, the claim would deny every retry of a fail-closed
             // answer with `Inv_ReplayConcurrent` once Redis is back.
-            let (client, options, script) = (
-                self.client.clone(),
-                self.options.clone(),
-                self.release.clone(),
-            );
-            self.retry_in_background("releasing a claim", move || {
-                let (client, options, script, key, args) = (
-                    client.clone(),
-                    options.clone(),
-                    script.clone(),
-                    key.clone(),
-                    args.clone(),
-                );
-                async move {
-                    run_script(&client, &options, &script, key, args)
-                        .await
-                        .map(drop)
-                }
-            });
+            self.release_in_background("releasing a claim", key, args);
         }
         released.map(drop)
     }

@@ -380,3 +380,121 @@ async fn a_non_loopback_grpc_door_needs_mtls_or_an_accepted_risk() {
     assert_eq!(app.metric("casf_grpc_insecure_peers").await, 0.0);
     app.shutdown().await;
 }
+
+/// `/verify` over HTTPS with mTLS and `CASF_CALLERS`: the client
+/// certificate's SAN is the caller (`peer:`), an API key is a caller too, a
+/// call with neither is 401, and the grants bound what each may claim.
+#[tokio::test]
+async fn over_mtls_the_client_certificate_or_an_api_key_is_the_caller() {
+    use sha2::Digest;
+    let pki = pki();
+    let key = "desk-key-over-tls";
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers.yaml");
+    std::fs::write(
+        &callers,
+        format!(
+            "callers:
+  - name: scheduler-by-cert
+    peer: {SCHEDULER}
+    roles: [receptionist]
+    tenants: [clinic-a]
+  - name: desk-by-key
+    api_key_sha256: {}
+    roles: [nurse]
+    tenants: [clinic-a]
+",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        ),
+    )
+    .unwrap();
+    let mut vars = door_tls_vars(&pki, &pki.shown("server.pem"), &pki.shown("server.key"));
+    vars.push(("CASF_CALLERS", callers.to_str().unwrap().to_owned()));
+    let app = spawn(&vars).await;
+    let base = https(&app);
+    let scheduler = client(&pki, Some("scheduler"), false);
+    let booking = |role: &str| {
+        serde_json::json!({
+            "request_id": crate::helpers::fresh_id(), "tool": "cliniccloud.create_appointment",
+            "mode": "ALLOW", "role": role, "subject": {"patient_id": "pat-1"},
+            "args": {"slot": "09:00"}, "context": {"tenant_id": "clinic-a"}
+        })
+    };
+    let post = |body: serde_json::Value, bearer: Option<&str>| {
+        let mut request = scheduler
+            .post(format!("{base}/verify"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        request.send()
+    };
+
+    // The certificate alone names the scheduler: inside its grants, ALLOW.
+    let allowed: serde_json::Value = post(booking("receptionist"), None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(allowed["decision"], "ALLOW", "{allowed}");
+    // Claiming a role it was not granted: an audited DENY.
+    let denied: serde_json::Value = post(booking("doctor"), None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(denied["decision"], "DENY", "{denied}");
+    assert!(
+        denied["violations"]
+            .as_array()
+            .unwrap()
+            .contains(&"Caller_RoleNotGranted".into()),
+        "{denied}"
+    );
+
+    // A key over the same mTLS connection names its own caller.
+    let by_key: serde_json::Value = post(booking("nurse"), Some(key))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(by_key["decision"].is_string(), "{by_key}");
+    // A wrong key is 401, not a decision.
+    let wrong = post(booking("receptionist"), Some("not-a-configured-key"))
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    // A certificate from the client CA whose SAN names no caller: 401.
+    pki.issue(
+        "nobody",
+        "subjectAltName=URI:spiffe://clinic/ns/agents/sa/nobody\nextendedKeyUsage=clientAuth\n",
+        "ca",
+    );
+    let nobody = client(&pki, Some("nobody"), true)
+        .post(format!("{base}/verify"))
+        .header("content-type", "application/json")
+        .body(booking("receptionist").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nobody.status(), 401);
+
+    let callers: Vec<String> = app
+        .audit_rows()
+        .await
+        .iter()
+        .map(|row| {
+            let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+            payload["caller"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        callers,
+        ["scheduler-by-cert", "scheduler-by-cert", "desk-by-key"],
+        "three decisions, each naming its caller; the 401s are not decisions"
+    );
+}
