@@ -33,6 +33,9 @@ HTTP_PORT=${CASF_IMAGE_HTTP_PORT:-18000}
 GRPC_PORT=${CASF_IMAGE_GRPC_PORT:-19191}
 MAX_BYTES=${CASF_IMAGE_MAX_BYTES:-$((40 * 1024 * 1024))}
 STATE=$REPO/target/image
+# Logs and reports go here whichever step runs first (the base image may
+# already exist, so no step can count on another to have made it).
+mkdir -p "$STATE"
 CONTAINER=casf-verifier-smoke
 
 log() { echo "image: $*" >&2; }
