@@ -437,10 +437,6 @@ impl AuditLog for PostgresAuditLog {
             .map_err(|e| self.error(e))
     }
 
-    /// `SELECT 1` on an idle pooled connection if there is one, else on one
-    /// direct connection attempt: the pool retries a refused connection
-    /// until its acquire timeout, and a probe should report a server that is
-    /// down at once (guide §6).
     async fn present_event_ids(
         &self,
         event_ids: &[String],
@@ -458,13 +454,18 @@ impl AuditLog for PostgresAuditLog {
         Ok(present.into_iter().collect())
     }
 
+    /// `SELECT 1` on an idle pooled connection if there is one, else on one
+    /// direct connection attempt: the pool retries a refused connection
+    /// until its acquire timeout, and a probe should report a server that is
+    /// down at once (guide §6). A pooled connection that fails is closed and
+    /// does not decide the answer: after an outage the pool still holds
+    /// connections the restart cut, and the server may well be back.
     async fn ping(&self) -> Result<(), AuditError> {
-        if let Some(mut conn) = self.pool.try_acquire() {
-            let result = sqlx::query("SELECT 1").execute(&mut *conn).await;
-            if result.is_err() {
-                conn.close_on_drop();
+        while let Some(mut conn) = self.pool.try_acquire() {
+            if sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok() {
+                return Ok(());
             }
-            return result.map(drop).map_err(|e| self.error(e));
+            conn.close_on_drop();
         }
         let mut conn = self.connect_direct().await?;
         let result = sqlx::query("SELECT 1").execute(&mut conn).await;

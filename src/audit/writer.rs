@@ -47,7 +47,8 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// the store's connect timeout, so an outage costs decisions milliseconds,
 /// not seconds, and the first successful ping resumes writing.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
-/// While events are spooled and no request comes, how often to try draining.
+/// While events are spooled, or the store was last found away, and no
+/// request comes: how often to try draining, or probing the store.
 const DRAIN_RETRY: Duration = Duration::from_millis(500);
 /// On shutdown in `always` mode, how long the shipper goes on shipping what
 /// is spooled; what is left waits in the spool for the next start.
@@ -352,8 +353,8 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>, spool: Opti
     let mut draining = true;
     loop {
         let pending = spool.is_some_and(|s| s.depth() > 0);
-        let received = if pending {
-            let pause = if draining {
+        let received = if pending || reach.down {
+            let pause = if pending && draining {
                 Duration::ZERO
             } else {
                 DRAIN_RETRY
@@ -388,6 +389,13 @@ async fn run(log: Arc<dyn AuditLog>, mut queue: mpsc::Receiver<Job>, spool: Opti
             }
         } else if idle {
             draining = false;
+            // Find the store again while nobody waits, so that the first
+            // decision after an outage does not pay for the probe, nor fail
+            // on it when a new connection is slower than PROBE_TIMEOUT.
+            if reach.down && reach.probe(&log).await.is_ok() {
+                reach.down = false;
+                tracing::info!(backend = log.backend(), "audit store answers again");
+            }
         }
     }
     tracing::debug!("audit writer drained and stopped");
@@ -630,6 +638,7 @@ mod tests {
         event_ids: Mutex<std::collections::HashSet<String>>,
         unreachable: AtomicBool,
         tried: AtomicUsize,
+        pings: AtomicUsize,
     }
 
     #[tokio::test]
@@ -655,6 +664,44 @@ mod tests {
         assert_eq!(log.tried.load(SeqCst), 2);
         drop(writer);
         task.await.unwrap();
+    }
+
+    /// Runs `run` on the test's own runtime, so that a paused clock drives
+    /// its timers; one append through it.
+    async fn append_via(jobs: &mpsc::Sender<Job>, request_id: &str) -> Result<(), AuditError> {
+        let (done, receipt) = oneshot::channel();
+        let job = Job {
+            event: event(request_id),
+            done,
+        };
+        assert!(jobs.send(job).await.is_ok(), "writer stopped");
+        receipt.await.expect("answered").map(drop)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_writer_finds_the_store_again_before_the_next_decision() {
+        let log = Arc::new(PickyLog::default());
+        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let writer = tokio::spawn(run(log.clone(), queue, None));
+
+        log.unreachable.store(true, SeqCst);
+        assert!(append_via(&jobs, "a").await.is_err());
+        log.unreachable.store(false, SeqCst);
+        // Virtual time: nothing but the writer's own timer runs meanwhile.
+        tokio::time::sleep(DRAIN_RETRY * 2).await;
+        let pinged = log.pings.load(SeqCst);
+        assert!(pinged >= 1, "the idle writer probed the store");
+
+        // The next decision goes straight to the store, without a probe.
+        assert!(append_via(&jobs, "b").await.is_ok());
+        assert_eq!(log.pings.load(SeqCst), pinged);
+        assert_eq!(*log.stored.lock().unwrap(), ["b"]);
+
+        // Up again, the idle writer stops probing.
+        tokio::time::sleep(DRAIN_RETRY * 4).await;
+        assert_eq!(log.pings.load(SeqCst), pinged);
+        drop(jobs);
+        writer.await.unwrap();
     }
 
     #[async_trait]
@@ -715,6 +762,7 @@ mod tests {
         }
 
         async fn ping(&self) -> Result<(), AuditError> {
+            self.pings.fetch_add(1, SeqCst);
             if self.unreachable.load(SeqCst) {
                 return Err(AuditError::Unavailable("down".into()));
             }
