@@ -4,7 +4,6 @@
 use casf_verifier::audit::sqlite::SqliteAuditLog;
 use casf_verifier::audit::{AppendReceipt, AuditLog, NewEvent};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::helpers::{TestApp, request, spawn_app, spawn_app_with};
 
@@ -27,40 +26,7 @@ pub(crate) async fn mixed_traffic(app: &TestApp) -> usize {
     bodies.len()
 }
 
-/// The guide's hash rule, written out independently of the crate.
-pub(crate) fn recompute(row: &crate::helpers::AuditRow) -> String {
-    fn canonical(v: &Value) -> String {
-        match v {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                let fields: Vec<String> = keys
-                    .iter()
-                    .map(|k| format!("{}:{}", Value::String((*k).clone()), canonical(&map[*k])))
-                    .collect();
-                format!("{{{}}}", fields.join(","))
-            }
-            Value::Array(items) => format!(
-                "[{}]",
-                items.iter().map(canonical).collect::<Vec<_>>().join(",")
-            ),
-            other => other.to_string(),
-        }
-    }
-    let payload: Value = serde_json::from_str(&row.payload).unwrap();
-    let text = format!(
-        "{}{}{}{}{}{}{}{}",
-        row.request_id,
-        row.event_id,
-        row.ts,
-        row.actor,
-        row.action,
-        row.decision,
-        canonical(&payload),
-        row.prev_hash
-    );
-    hex::encode(Sha256::digest(text.as_bytes()))
-}
+pub(crate) use crate::chain_rule::recompute;
 
 /// What every backend's rows must show after `mixed_traffic`: one row per
 /// decision, linked from genesis, each hash recomputable from its columns,

@@ -8,6 +8,8 @@ mod audit;
 mod audit_proof;
 mod audit_spool;
 mod callers;
+#[path = "../support/chain_rule.rs"]
+mod chain_rule;
 mod connections;
 mod contract;
 mod disconnect;

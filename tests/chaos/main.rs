@@ -12,6 +12,8 @@
 //! run and into the repository's `RELIABILITY.md` with
 //! `CASF_WRITE_RELIABILITY=1`.
 
+#[path = "../support/chain_rule.rs"]
+mod chain_rule;
 #[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;

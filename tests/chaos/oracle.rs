@@ -4,12 +4,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-
+use crate::chain_rule::recompute;
 use crate::helpers::AuditRow;
 use crate::load::{Answer, Record};
 use crate::{Outage, Target};
+use serde_json::Value;
 
 const REPLAY_ACTION: &str = "REPLAY_DETECTED";
 
@@ -70,41 +69,6 @@ fn row_violations(payload: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The guide's hash rule, written out independently of the crate.
-fn recompute(row: &AuditRow) -> String {
-    fn canonical(v: &Value) -> String {
-        match v {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                let fields: Vec<String> = keys
-                    .iter()
-                    .map(|k| format!("{}:{}", Value::String((*k).clone()), canonical(&map[*k])))
-                    .collect();
-                format!("{{{}}}", fields.join(","))
-            }
-            Value::Array(items) => format!(
-                "[{}]",
-                items.iter().map(canonical).collect::<Vec<_>>().join(",")
-            ),
-            other => other.to_string(),
-        }
-    }
-    let payload: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
-    let text = format!(
-        "{}{}{}{}{}{}{}{}",
-        row.request_id,
-        row.event_id,
-        row.ts,
-        row.actor,
-        row.action,
-        row.decision,
-        canonical(&payload),
-        row.prev_hash
-    );
-    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 impl Findings {
