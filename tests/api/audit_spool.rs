@@ -147,7 +147,6 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
     let spool_env = [("CASF_AUDIT_SPOOL", dir.path().to_str().unwrap())];
     let server = Server::spawn_with(&dsn, &spool_env);
     cluster.halt();
-    let client = casf_verifier::tls::http_client_builder().build().unwrap();
     let mut answered = Vec::new();
     for tool in [
         "cliniccloud.create_appointment",
@@ -155,15 +154,7 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
         "cliniccloud.list_appointments",
     ] {
         let body = request(tool, "ALLOW");
-        let decision: Value = client
-            .post(format!("{}/verify", server.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let decision = server.decide(&body).await;
         assert!(
             decision["reason"].as_str().unwrap().ends_with(SUFFIX),
             "{decision}"
@@ -449,7 +440,6 @@ async fn always_mode_a_restart_ships_the_spool_a_killed_process_left() {
     let env = always(&dir, &[]);
     let server = Server::spawn_with(&dsn, &env);
     cluster.halt();
-    let client = casf_verifier::tls::http_client_builder().build().unwrap();
     let mut answered = Vec::new();
     for tool in [
         "cliniccloud.create_appointment",
@@ -457,15 +447,7 @@ async fn always_mode_a_restart_ships_the_spool_a_killed_process_left() {
         "cliniccloud.list_appointments",
     ] {
         let body = request(tool, "ALLOW");
-        let decision: Value = client
-            .post(format!("{}/verify", server.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let decision = server.decide(&body).await;
         assert_eq!(decision["reason"], "OK", "{decision}");
         answered.push(body["request_id"].as_str().unwrap().to_owned());
     }

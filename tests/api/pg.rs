@@ -254,6 +254,21 @@ impl Server {
         self.log.lock().expect("log lock").join("\n")
     }
 
+    /// `POST /verify` with `body`; the decision as JSON.
+    pub async fn decide(&self, body: &serde_json::Value) -> serde_json::Value {
+        casf_verifier::tls::http_client_builder()
+            .build()
+            .expect("HTTP client")
+            .post(format!("{}/verify", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /verify")
+            .json()
+            .await
+            .expect("a JSON decision")
+    }
+
     /// SIGTERM, then waits (bounded) for a clean exit.
     pub fn stop(&mut self) -> Option<i32> {
         let _ = Command::new("kill")

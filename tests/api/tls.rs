@@ -108,15 +108,10 @@ async fn postgres_with_verify_full_and_no_plaintext() {
          sslmode=verify-full sslrootcert={ca}"
     );
     let mut server = Server::spawn(&key_value);
-    let response = casf_verifier::tls::http_client_builder()
-        .build()
-        .expect("HTTP client")
-        .post(format!("{}/verify", server.base))
-        .json(&request("cliniccloud.list_appointments", "ALLOW"))
-        .send()
-        .await
-        .expect("POST /verify");
-    assert_eq!(response.status().as_u16(), 200);
+    let decision = server
+        .decide(&request("cliniccloud.list_appointments", "ALLOW"))
+        .await;
+    assert_eq!(decision["decision"], "ALLOW", "{decision}");
     let pool = crate::pg::connect(&good_url).await;
     wait_until(
         Duration::from_secs(10),
