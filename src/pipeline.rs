@@ -1133,6 +1133,77 @@ mod tests {
         }
     }
 
+    impl FakeState {
+        /// Claims as `claim`; the store and the limiter work; one SMS so far.
+        fn claiming(claim: Claiming) -> Self {
+            FakeState {
+                claim,
+                store: Works,
+                limiter: Works,
+                sms_count: 1,
+                ends: Mutex::new(Vec::new()),
+            }
+        }
+
+        /// How the claim ended: nothing, or the one end expected of it.
+        fn ended(&self) -> Vec<ClaimEnd> {
+            self.ends.lock().unwrap().clone()
+        }
+    }
+
+    /// What a claim should end as, in [`FakeState::ended`]'s terms.
+    fn one_end(end: ClaimEnd) -> Vec<ClaimEnd> {
+        match end {
+            ClaimEnd::Untouched => vec![],
+            end => vec![end],
+        }
+    }
+
+    /// A pipeline over fakes, with the fakes kept to look at afterwards.
+    struct Fakes {
+        state: Arc<FakeState>,
+        log: Arc<FakeAudit>,
+        metrics: Arc<Metrics>,
+        pipeline: Arc<Pipeline>,
+    }
+
+    impl Fakes {
+        /// `policy`, `state` and an audit log behaving as `audit`, with the
+        /// pipeline adjusted by `with` (a floor, callers, shadow mode).
+        fn new(
+            policy: FakePolicy,
+            state: FakeState,
+            audit: Port,
+            with: impl FnOnce(Pipeline) -> Pipeline,
+        ) -> Self {
+            let state = Arc::new(state);
+            let log = Arc::new(FakeAudit {
+                port: audit,
+                events: Mutex::new(Vec::new()),
+            });
+            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let pipeline = Pipeline::new(
+                Arc::new(policy),
+                Some(state.clone()),
+                state.clone(),
+                Some(writer),
+                metrics.clone(),
+                SmsLimit::default(),
+            );
+            Fakes {
+                state,
+                log,
+                metrics,
+                pipeline: Arc::new(with(pipeline)),
+            }
+        }
+
+        fn events(&self) -> Vec<NewEvent> {
+            self.log.events.lock().unwrap().clone()
+        }
+    }
+
     /// An in-memory audit log.
     struct FakeAudit {
         port: Port,
@@ -1206,29 +1277,19 @@ mod tests {
     async fn each_dependency_failing_on_a_read_or_a_write() {
         for row in rows() {
             let name = row.name;
-            let state = Arc::new(FakeState {
-                claim: row.claim,
-                store: row.store,
-                limiter: row.limiter,
-                sms_count: row.sms_count,
-                ends: Mutex::new(Vec::new()),
-            });
-            let log = Arc::new(FakeAudit {
-                port: row.audit,
-                events: Mutex::new(Vec::new()),
-            });
-            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
-            let metrics = Arc::new(Metrics::new());
-            let pipeline = Arc::new(Pipeline::new(
-                Arc::new(FakePolicy(row.policy, row.policy_denies)),
-                Some(state.clone()),
-                state.clone(),
-                Some(writer),
-                metrics.clone(),
-                SmsLimit::default(),
-            ));
+            let fakes = Fakes::new(
+                FakePolicy(row.policy, row.policy_denies),
+                FakeState {
+                    store: row.store,
+                    limiter: row.limiter,
+                    sms_count: row.sms_count,
+                    ..FakeState::claiming(row.claim)
+                },
+                row.audit,
+                |p| p,
+            );
 
-            let verdict = pipeline.decide(request(row.tool), Door::Http).await;
+            let verdict = fakes.pipeline.decide(request(row.tool), Door::Http).await;
 
             assert_eq!(verdict.response.violations, row.violations, "{name}");
             let expected_decision = if row.violations.is_empty() {
@@ -1240,19 +1301,14 @@ mod tests {
             for trigger in ["redis", "opa", "rules"] {
                 let expected = u64::from(row.trigger == Some(trigger));
                 assert_eq!(
-                    fail_closed_count(&metrics, trigger),
+                    fail_closed_count(&fakes.metrics, trigger),
                     expected,
                     "{name}: trigger {trigger}"
                 );
             }
-            let ends = state.ends.lock().unwrap().clone();
-            let expected_ends = match row.claim_end {
-                ClaimEnd::Untouched => vec![],
-                end => vec![end],
-            };
-            assert_eq!(ends, expected_ends, "{name}: claim");
+            assert_eq!(fakes.state.ended(), one_end(row.claim_end), "{name}: claim");
 
-            let events = log.events.lock().unwrap().clone();
+            let events = fakes.events();
             match row.audited {
                 Some(action) => {
                     assert_eq!(events.len(), 1, "{name}: one audit row");
@@ -1277,7 +1333,7 @@ mod tests {
                     );
                 }
             }
-            let text = metrics.encode();
+            let text = fakes.metrics.encode();
             assert!(
                 text.lines().any(|l| l == "casf_verify_in_flight 0"),
                 "{name}"
@@ -1349,40 +1405,17 @@ mod tests {
         ];
         for case in cases {
             let name = case.name;
-            let state = Arc::new(FakeState {
-                claim: case.claim,
-                store: Works,
-                limiter: Works,
-                sms_count: 1,
-                ends: Mutex::new(Vec::new()),
-            });
-            let log = Arc::new(FakeAudit {
-                port: Works,
-                events: Mutex::new(Vec::new()),
-            });
-            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
-            let metrics = Arc::new(Metrics::new());
-            let pipeline = Arc::new(
-                Pipeline::new(
-                    Arc::new(FakePolicy(Works, false)),
-                    Some(state.clone()),
-                    state.clone(),
-                    Some(writer),
-                    metrics.clone(),
-                    SmsLimit::default(),
-                )
-                .with_mode_floor(Arc::new(ModeFloor::new(case.floor))),
+            let fakes = Fakes::new(
+                FakePolicy(Works, false),
+                FakeState::claiming(case.claim),
+                Works,
+                |p| p.with_mode_floor(Arc::new(ModeFloor::new(case.floor))),
             );
-            let verdict = pipeline.decide(request(case.tool), Door::Http).await;
+            let verdict = fakes.pipeline.decide(request(case.tool), Door::Http).await;
             assert_eq!(verdict.response.violations, case.violations, "{name}");
             assert_eq!(verdict.floor_applied, case.applied, "{name}");
-            let ends = state.ends.lock().unwrap().clone();
-            let expected: Vec<ClaimEnd> = match case.end {
-                ClaimEnd::Untouched => vec![],
-                end => vec![end],
-            };
-            assert_eq!(ends, expected, "{name}: claim");
-            let events = log.events.lock().unwrap().clone();
+            assert_eq!(fakes.state.ended(), one_end(case.end), "{name}: claim");
+            let events = fakes.events();
             assert_eq!(events.len(), 1, "{name}: one audit row");
             assert_eq!(
                 events[0]
@@ -1394,7 +1427,7 @@ mod tests {
             );
             assert_eq!(events[0].payload["request"]["mode"], "ALLOW", "{name}");
             let floor_series = format!("casf_mode_floor{{mode=\"{}\"}} 1", case.floor.as_str());
-            assert!(metrics.encode().contains(&floor_series), "{name}");
+            assert!(fakes.metrics.encode().contains(&floor_series), "{name}");
         }
     }
 
@@ -1435,43 +1468,20 @@ mod tests {
             ),
         ];
         for (claim, caller, expected, end) in cases {
-            let state = Arc::new(FakeState {
-                claim,
-                store: Works,
-                limiter: Works,
-                sms_count: 1,
-                ends: Mutex::new(Vec::new()),
-            });
-            let log = Arc::new(FakeAudit {
-                port: Works,
-                events: Mutex::new(Vec::new()),
-            });
-            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
-            let pipeline = Arc::new(
-                Pipeline::new(
-                    Arc::new(FakePolicy(Works, false)),
-                    Some(state.clone()),
-                    state.clone(),
-                    Some(writer),
-                    Arc::new(Metrics::new()),
-                    SmsLimit::default(),
-                )
-                .with_callers(callers.clone()),
+            let fakes = Fakes::new(
+                FakePolicy(Works, false),
+                FakeState::claiming(claim),
+                Works,
+                |p| p.with_callers(callers.clone()),
             );
             let mut request = request(Tool::SummaryHistory);
             if let Some(caller) = &caller {
                 request = request.with_caller(caller.clone());
             }
-            let verdict = pipeline.decide(request, Door::Http).await;
+            let verdict = fakes.pipeline.decide(request, Door::Http).await;
             assert_eq!(verdict.response.violations, expected, "{claim:?}");
-            assert_eq!(
-                *state.ends.lock().unwrap(),
-                match end {
-                    ClaimEnd::Untouched => vec![],
-                    end => vec![end],
-                }
-            );
-            let events = log.events.lock().unwrap().clone();
+            assert_eq!(fakes.state.ended(), one_end(end), "{claim:?}");
+            let events = fakes.events();
             assert_eq!(events.len(), 1);
             assert_eq!(
                 events[0].payload.get("caller").and_then(Value::as_str),
@@ -1514,35 +1524,19 @@ mod tests {
         ];
         for (port, denies, floor, tool, shadowed, answered) in cases {
             let name = format!("{port:?} denies={denies} floor={floor:?}");
-            let state = Arc::new(FakeState {
-                claim: Claiming::Claims(Works),
-                store: Works,
-                limiter: Works,
-                sms_count: 1,
-                ends: Mutex::new(Vec::new()),
-            });
-            let log = Arc::new(FakeAudit {
-                port: Works,
-                events: Mutex::new(Vec::new()),
-            });
-            let (writer, _task) = AuditWriter::spawn(log.clone()).unwrap();
-            let metrics = Arc::new(Metrics::new());
-            let pipeline = Arc::new(
-                Pipeline::new(
-                    Arc::new(FakePolicy(port, denies)),
-                    Some(state.clone()),
-                    state.clone(),
-                    Some(writer),
-                    metrics.clone(),
-                    SmsLimit::default(),
-                )
-                .with_mode_floor(Arc::new(ModeFloor::new(floor)))
-                .with_enforce(false),
+            let fakes = Fakes::new(
+                FakePolicy(port, denies),
+                FakeState::claiming(Claiming::Claims(Works)),
+                Works,
+                |p| {
+                    p.with_mode_floor(Arc::new(ModeFloor::new(floor)))
+                        .with_enforce(false)
+                },
             );
-            let verdict = pipeline.decide(request(tool), Door::Http).await;
+            let verdict = fakes.pipeline.decide(request(tool), Door::Http).await;
             assert_eq!(verdict.shadow, shadowed, "{name}");
             assert_eq!(verdict.response.violations, answered, "{name}");
-            let events = log.events.lock().unwrap().clone();
+            let events = fakes.events();
             assert_eq!(events.len(), 1, "{name}");
             assert_eq!(
                 events[0].payload.get("shadow").is_some(),
@@ -1553,9 +1547,10 @@ mod tests {
                 assert_eq!(verdict.response.decision, Decision::Allow, "{name}");
                 assert_eq!(verdict.response.shadow_decision, Some(Decision::Deny));
                 assert_eq!(events[0].decision, "DENY", "{name}: the real one");
-                assert_eq!(state.ends.lock().unwrap().clone(), vec![ClaimEnd::Stored]);
+                assert_eq!(fakes.state.ended(), vec![ClaimEnd::Stored]);
                 assert!(
-                    metrics
+                    fakes
+                        .metrics
                         .encode()
                         .contains("casf_shadow_decision_total{decision=\"DENY\"} 1")
                 );
