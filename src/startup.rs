@@ -112,6 +112,33 @@ fn open_spool(
     }))
 }
 
+/// Stores the decisions waiting in the spool in the embedded replay memory:
+/// the writer drains them into the chain only after startup, and a replay
+/// of one of them must not be decided again.
+async fn reload_spooled(spool: &mut Spool, state: &dyn ReplayGuard, ttl: std::time::Duration) {
+    if spool.depth() == 0 {
+        return;
+    }
+    let events = match spool.peek(usize::MAX) {
+        Ok((events, _)) => events,
+        Err(error) => {
+            tracing::warn!(%error, "replay memory not reloaded from the audit spool: replays of its decisions may be decided again");
+            return;
+        }
+    };
+    match crate::state::reload::reload_spooled(&events, state, ttl).await {
+        Ok(counts) => tracing::info!(
+            stored = counts.stored,
+            skipped = counts.skipped,
+            "replay memory reloaded from the audit spool"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "replay memory not reloaded from the audit spool: replays of its decisions may be decided again"
+        ),
+    }
+}
+
 /// Opens the configured audit store (also used by the `audit` subcommands).
 pub async fn open_audit_log(backend: &AuditBackend) -> Result<Arc<dyn AuditLog>, StartupError> {
     match backend {
@@ -310,8 +337,11 @@ impl Application {
         } else {
             Some(open_audit_log(&settings.audit).await?)
         };
-        // Embedded state starts empty: refill it from the audit trail, so
-        // that a restart does not forget the decisions it must replay.
+        let mut metrics = Metrics::new();
+        let mut spool = open_spool(settings, audit_log.as_deref(), &metrics)?;
+        // Embedded state starts empty: refill it from the audit trail, and
+        // from the spool (decisions the chain does not hold yet), so that a
+        // restart does not forget the decisions it must replay.
         if let (Some(state), Some(log), true) = (&memory, &audit_log, settings.anti_replay_enabled)
         {
             let started = std::time::Instant::now();
@@ -333,10 +363,11 @@ impl Application {
                     "replay memory not reloaded from the audit trail: replays of earlier decisions may be decided again"
                 ),
             }
+            if let Some(setup) = &mut spool {
+                reload_spooled(&mut setup.spool, state.as_ref(), settings.anti_replay_ttl).await;
+            }
         }
         let checkpoints = checkpoint_schedule(settings).await?;
-        let mut metrics = Metrics::new();
-        let spool = open_spool(settings, audit_log.as_deref(), &metrics)?;
         let spool_view = spool.as_ref().map(|s| crate::health::SpoolView {
             metrics: s.metrics.clone(),
             mode: s.mode,

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use crate::audit::{AuditError, AuditLog, EventFilter, chain};
+use crate::audit::{AuditError, AuditLog, EventFilter, NewEvent, chain};
 use crate::domain::{VerifyRequest, VerifyResponse, violation};
 use crate::pipeline::REPLAY_ACTION;
 
@@ -62,27 +62,58 @@ pub async fn reload(
         let Some(last) = page.last() else { break };
         after = last.id;
         for stored in &page {
-            let event = &stored.event;
-            match replay_entry(&event.action, &event.payload) {
-                Some((request, response)) => {
-                    // As the pipeline bound it to the caller who made it.
-                    let caller = event.payload.get("caller").and_then(|c| c.as_str());
-                    let fingerprint =
-                        crate::callers::bind_fingerprint(request.fingerprint(), caller);
-                    if guard.claim(&request.request_id, &fingerprint).await? == Claim::Claimed {
-                        guard
-                            .complete(&request.request_id, &fingerprint, &response)
-                            .await?;
-                        counts.stored += 1;
-                    } else {
-                        counts.skipped += 1;
-                    }
-                }
-                None => counts.skipped += 1,
-            }
+            restore(&stored.event, guard, &mut counts).await?;
         }
     }
     Ok(counts)
+}
+
+/// Stores in `guard` the decisions of `events` audited within `ttl` of
+/// now: the audit spool's, which the chain does not hold yet. Called after
+/// [`reload`], so an event that is in both (its commit landed, its
+/// acknowledgement did not) is already stored and is skipped here.
+pub async fn reload_spooled(
+    events: &[NewEvent],
+    guard: &dyn ReplayGuard,
+    ttl: Duration,
+) -> Result<Reloaded, ReloadError> {
+    let from =
+        chrono::Utc::now() - chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+    // `ts` is fixed-width UTC, so the text compares as the time does.
+    let from = chain::format_ts(from);
+    let mut counts = Reloaded::default();
+    for event in events {
+        if event.ts >= from {
+            restore(event, guard, &mut counts).await?;
+        } else {
+            counts.skipped += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// One audited event back in the replay memory, if it was stored for replay.
+async fn restore(
+    event: &NewEvent,
+    guard: &dyn ReplayGuard,
+    counts: &mut Reloaded,
+) -> Result<(), ReloadError> {
+    let Some((request, response)) = replay_entry(&event.action, &event.payload) else {
+        counts.skipped += 1;
+        return Ok(());
+    };
+    // As the pipeline bound it to the caller who made it.
+    let caller = event.payload.get("caller").and_then(|c| c.as_str());
+    let fingerprint = crate::callers::bind_fingerprint(request.fingerprint(), caller);
+    if guard.claim(&request.request_id, &fingerprint).await? == Claim::Claimed {
+        guard
+            .complete(&request.request_id, &fingerprint, &response)
+            .await?;
+        counts.stored += 1;
+    } else {
+        counts.skipped += 1;
+    }
+    Ok(())
 }
 
 /// The request and response of an audited decision that was stored for
@@ -146,5 +177,52 @@ mod tests {
         let payload =
             json!({"request": request(), "response": floored, "mode_applied": "KILL_SWITCH"});
         assert!(replay_entry("x", &payload).is_none());
+    }
+
+    #[tokio::test]
+    async fn spooled_decisions_within_the_ttl_are_stored_and_older_ones_skipped() {
+        use crate::state::memory::MemoryState;
+        let ttl = Duration::from_secs(3_600);
+        let state = MemoryState::new(ttl, Duration::from_secs(30), 1_000);
+        let allow = VerifyResponse::from_violations(vec![], vec![]);
+        let event = |id: &str| {
+            let mut request = request();
+            request["request_id"] = json!(id);
+            NewEvent::now(
+                id,
+                "role:receptionist".into(),
+                "cliniccloud.list_appointments",
+                "ALLOW",
+                json!({"request": request, "response": allow}),
+            )
+        };
+        let mut old = event("r-old");
+        old.ts = chain::format_ts(chrono::Utc::now() - chrono::Duration::hours(2));
+        let fresh = event("r-new");
+        let counts = reload_spooled(&[old, fresh.clone(), fresh], &state, ttl)
+            .await
+            .unwrap();
+        // The old one is outside the TTL; the second copy is already stored.
+        assert_eq!(
+            counts,
+            Reloaded {
+                stored: 1,
+                skipped: 2
+            }
+        );
+        let id = crate::domain::RequestId::parse("r-new").unwrap();
+        let sent = VerifyRequest::from_value({
+            let mut r = request();
+            r["request_id"] = json!("r-new");
+            r
+        })
+        .unwrap();
+        let fingerprint = crate::callers::bind_fingerprint(sent.fingerprint(), None);
+        assert!(matches!(
+            state.claim(&id, &fingerprint).await.unwrap(),
+            Claim::Cached(_)
+        ));
+        let old_id = crate::domain::RequestId::parse("r-old").unwrap();
+        assert_eq!(state.claim(&old_id, "any").await.unwrap(), Claim::Claimed);
     }
 }

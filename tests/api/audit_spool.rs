@@ -13,7 +13,7 @@ use casf_verifier::audit::postgres::PostgresAuditLog;
 use casf_verifier::audit::spool::Spool;
 use serde_json::Value;
 
-use crate::helpers::{AuditRow, TestApp, request, spawn_app_with};
+use crate::helpers::{AuditRow, TestApp, request, spawn_app_with, violations};
 use crate::pg::{PrivateCluster, Server, cli, connect, printed};
 use crate::servers::wait_until;
 
@@ -148,6 +148,7 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
     let server = Server::spawn_with(&dsn, &spool_env);
     cluster.halt();
     let mut answered = Vec::new();
+    let mut decided = Vec::new();
     for tool in [
         "cliniccloud.create_appointment",
         "twilio.send_sms",
@@ -160,6 +161,7 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
             "{decision}"
         );
         answered.push(body["request_id"].as_str().unwrap().to_owned());
+        decided.push((body, decision));
     }
     drop(server); // SIGKILL: no shutdown, the spool is left as is.
 
@@ -207,6 +209,24 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
     })
     .await;
     assert!(server.log().contains("audit spool"), "{}", server.log());
+
+    // With embedded state, the restart took the spooled decisions into its
+    // replay memory: their replays are answered, not decided again.
+    for (body, decision) in &decided {
+        let again = server.decide(body).await;
+        assert_eq!(again["decision"], decision["decision"], "{again}");
+        assert!(violations(&again).is_empty(), "{again}");
+    }
+    let after = self::rows(&cluster).await;
+    let replays = after
+        .iter()
+        .filter(|r| r.action == "REPLAY_DETECTED")
+        .count();
+    assert_eq!(replays, decided.len(), "{after:?}");
+    for (id, n) in counts(&after) {
+        assert_eq!(n, 2, "{id}: one decision and one replay");
+    }
+    assert_verifies(&cluster, after.len());
 }
 
 #[tokio::test]
