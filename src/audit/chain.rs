@@ -229,6 +229,24 @@ impl ChainVerifier {
     }
 }
 
+/// `events` as a store would hold them after `head`, with ids from 1:
+/// a valid chain for tests to walk or tamper with.
+#[cfg(test)]
+pub(crate) fn stored(head: &str, events: Vec<NewEvent>) -> Vec<crate::audit::StoredEvent> {
+    let links = link(head, &events);
+    events
+        .into_iter()
+        .zip(links)
+        .enumerate()
+        .map(|(i, (event, link))| crate::audit::StoredEvent {
+            id: i as i64 + 1,
+            event,
+            prev_hash: link.prev_hash,
+            hash: link.hash,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,21 +262,6 @@ mod tests {
             decision: "ALLOW".into(),
             payload: json!({"b": n, "a": "é"}),
         }
-    }
-
-    fn stored(head: &str, events: Vec<NewEvent>) -> Vec<StoredEvent> {
-        let links = link(head, &events);
-        events
-            .into_iter()
-            .zip(links)
-            .enumerate()
-            .map(|(i, (event, link))| StoredEvent {
-                id: i as i64 + 1,
-                event,
-                prev_hash: link.prev_hash,
-                hash: link.hash,
-            })
-            .collect()
     }
 
     fn verify(events: &[StoredEvent]) -> ChainVerifier {

@@ -312,7 +312,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::chain::link;
+    use crate::audit::chain::{link, stored};
     use crate::audit::{NewEvent, StoredEvent};
 
     fn chain(n: u32) -> Vec<StoredEvent> {
@@ -327,18 +327,7 @@ mod tests {
                 payload: json!({"i": i}),
             })
             .collect();
-        let links = link("", &events);
-        events
-            .into_iter()
-            .zip(links)
-            .enumerate()
-            .map(|(i, (event, link))| StoredEvent {
-                id: i as i64 + 1,
-                event,
-                prev_hash: link.prev_hash,
-                hash: link.hash,
-            })
-            .collect()
+        stored("", events)
     }
 
     fn walk(rows: &[StoredEvent], watch: BTreeSet<i64>) -> ChainVerifier {
