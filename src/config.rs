@@ -242,7 +242,7 @@ pub const VARIABLES: &[Variable] = &[
         "CASF_HTTP_HEADER_TIMEOUT_SECONDS",
         "http-header-timeout-seconds",
         "10",
-        "an HTTP connection that has not sent a whole request head within this is closed",
+        "an HTTP connection without a whole request head, or a gRPC one without the HTTP/2 preface, within this is closed",
     ),
     var(
         "CASF_IDLE_TIMEOUT_SECONDS",

@@ -9,9 +9,18 @@
 //! - an idle timeout (`CASF_IDLE_TIMEOUT_SECONDS`): a connection the client
 //!   sent nothing on for that long is closed (HTTP keep-alive, a gRPC peer
 //!   gone silent; Envoy's HTTP/2 pings answer count as traffic);
-//! - on the HTTP door, a header read timeout
-//!   (`CASF_HTTP_HEADER_TIMEOUT_SECONDS`): a request head not complete in
-//!   that time closes the connection (slowloris).
+//! - a header read timeout (`CASF_HTTP_HEADER_TIMEOUT_SECONDS`), against
+//!   slowloris clients that are never idle because they send a byte now and
+//!   then: on the HTTP door, a request head not complete in that time closes
+//!   the connection (hyper enforces it); on the gRPC door, the 24-byte
+//!   HTTP/2 client preface not received in that time does (checked here:
+//!   hyper's HTTP/2 server has no such timeout, and a dribbled preface would
+//!   hold a slot forever). With TLS, the handshake must finish within that
+//!   time too, and the preface's time starts after it.
+//!
+//! The preface check counts bytes, not their meaning (h2 rejects a wrong
+//! preface itself) and costs no timer of its own: until the preface is in,
+//! the idle timer of [`Limited`] is capped at the preface deadline.
 
 use std::future::Future;
 use std::io;
@@ -59,12 +68,18 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The HTTP/2 client connection preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const H2_PREFACE_LEN: usize = 24;
+
 /// A connection that holds one of its door's slots until it is dropped, and
-/// fails its reads once the client has sent nothing for `idle`.
+/// fails its reads once the client has sent nothing for `idle`, or, while a
+/// `cap` is set, once the cap has passed however much the client sends.
 pub struct Limited {
     inner: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// The gRPC door's preface deadline, until the preface is in.
+    cap: Option<Instant>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -74,8 +89,23 @@ impl Limited {
             inner,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            cap: None,
             _slot: slot,
         }
+    }
+
+    /// Reads fail from `at` on, whatever arrives, until [`Self::lift_cap`].
+    fn set_cap(&mut self, at: Instant) {
+        self.cap = Some(at);
+        let next = self.deadline.deadline().min(at);
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Back to the idle timeout alone, counted from now.
+    fn lift_cap(&mut self) {
+        self.cap = None;
+        let next = Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
     }
 }
 
@@ -89,13 +119,23 @@ impl AsyncRead for Limited {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    let next = Instant::now() + self.idle;
+                    let now = Instant::now();
+                    let mut next = now + self.idle;
+                    if let Some(cap) = self.cap {
+                        // Bytes that keep coming (TLS records with no
+                        // preface in them) do not stretch the cap.
+                        if now >= cap {
+                            return Poll::Ready(Err(no_preface()));
+                        }
+                        next = next.min(cap);
+                    }
                     self.deadline.as_mut().reset(next);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) if self.cap.is_some() => Poll::Ready(Err(no_preface())),
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "idle connection closed",
@@ -104,6 +144,13 @@ impl AsyncRead for Limited {
             },
         }
     }
+}
+
+fn no_preface() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "HTTP/2 preface not received within the header timeout",
+    )
 }
 
 impl AsyncWrite for Limited {
@@ -143,6 +190,8 @@ impl AsyncWrite for Limited {
 pub struct DoorStream {
     io: DoorIo,
     peer: PeerIdentity,
+    /// Bytes of the HTTP/2 preface still to come (gRPC door), else 0.
+    preface_left: usize,
 }
 
 enum DoorIo {
@@ -171,6 +220,7 @@ impl DoorStream {
                     sans: Vec::new(),
                     remote: Some(remote),
                 },
+                preface_left: 0,
             });
         };
         let failure = match tokio::time::timeout(timeout, tls.acceptor(door).accept(io)).await {
@@ -179,6 +229,7 @@ impl DoorStream {
                 return Some(DoorStream {
                     io: DoorIo::Tls(Box::new(stream)),
                     peer,
+                    preface_left: 0,
                 });
             }
             Ok(Err(error)) => error.to_string(),
@@ -190,16 +241,42 @@ impl DoorStream {
     }
 }
 
+impl DoorStream {
+    /// From now (after any TLS handshake), reads fail once `within` has
+    /// passed without the 24 bytes of the HTTP/2 client preface, counted as
+    /// decrypted; the gRPC door's header timeout.
+    fn expect_h2_preface(&mut self, within: Duration) {
+        self.preface_left = H2_PREFACE_LEN;
+        self.limited().set_cap(Instant::now() + within);
+    }
+
+    fn limited(&mut self) -> &mut Limited {
+        match &mut self.io {
+            DoorIo::Plain(io) => io,
+            DoorIo::Tls(io) => io.get_mut().0,
+        }
+    }
+}
+
 impl AsyncRead for DoorStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.io {
+        let before = buf.filled().len();
+        let read = match &mut self.io {
             DoorIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
             DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        };
+        if self.preface_left > 0 && matches!(read, Poll::Ready(Ok(()))) {
+            let got = buf.filled().len() - before;
+            self.preface_left = self.preface_left.saturating_sub(got);
+            if self.preface_left == 0 {
+                self.limited().lift_cap();
+            }
         }
+        read
     }
 }
 
@@ -406,7 +483,8 @@ pub async fn serve_http(
 
 /// The gRPC door's accepted connections, each holding a slot, for tonic;
 /// with `tls`, after their handshake. Handshakes run in their own tasks, so
-/// a slow one does not hold up the next accept.
+/// a slow one does not hold up the next accept. Each must then deliver the
+/// HTTP/2 preface within the header timeout.
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
@@ -439,7 +517,9 @@ pub fn grpc_incoming(
             let tls = tls.clone();
             let open = async move {
                 let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Grpc));
-                if let Some(io) = DoorStream::open(io, remote, tls, limits.header_timeout).await {
+                if let Some(mut io) = DoorStream::open(io, remote, tls, limits.header_timeout).await
+                {
+                    io.expect_h2_preface(limits.header_timeout);
                     let _ = tx.send(Ok(io)).await;
                 }
             };
@@ -451,4 +531,110 @@ pub fn grpc_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const PREFACE: &[u8; H2_PREFACE_LEN] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// A client socket and the server side of it as the gRPC door holds it.
+    async fn grpc_pair(header_timeout: Duration) -> (TcpStream, DoorStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (stream, remote) = listener.accept().await.expect("accept");
+        let limits = ConnectionLimits {
+            header_timeout,
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        let io = Slots::new(limits, "grpc").admit(stream).expect("a slot");
+        let mut door = DoorStream::open(io, remote, None, header_timeout)
+            .await
+            .expect("plaintext opens");
+        door.expect_h2_preface(header_timeout);
+        (client, door)
+    }
+
+    #[tokio::test]
+    async fn a_dribbled_preface_fails_reads_at_the_header_timeout_not_the_idle_one() {
+        let header_timeout = Duration::from_millis(200);
+        let (mut client, mut door) = grpc_pair(header_timeout).await;
+        let opened = Instant::now();
+        // One byte every 20 ms, never the 24th: never idle for long.
+        let dribble = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(20));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for byte in &PREFACE[..H2_PREFACE_LEN - 1] {
+                every.tick().await;
+                if client.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        // Bounded far below the 60 s idle timeout, so only the cap ends it.
+        let error = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match door.read(&mut buf).await {
+                    Ok(0) => panic!("the client never closes"),
+                    Ok(n) => got += n,
+                    Err(error) => return error,
+                }
+            }
+        })
+        .await
+        .expect("reads fail long before the idle timeout");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("preface"), "{error}");
+        assert!(got < H2_PREFACE_LEN);
+        assert!(opened.elapsed() >= header_timeout);
+        drop(dribble.await);
+    }
+
+    #[tokio::test]
+    async fn a_complete_preface_leaves_only_the_idle_timeout() {
+        let header_timeout = Duration::from_millis(100);
+        let (mut client, mut door) = grpc_pair(header_timeout).await;
+        client.write_all(PREFACE).await.expect("preface");
+        let mut preface = [0u8; H2_PREFACE_LEN];
+        door.read_exact(&mut preface).await.expect("the preface");
+        assert_eq!(&preface, PREFACE);
+        // Well past the header timeout, the connection is still open.
+        let mut buf = [0u8; 8];
+        let waited = tokio::time::timeout(header_timeout * 5, door.read(&mut buf)).await;
+        assert!(waited.is_err(), "read ended: {waited:?}");
+        client.write_all(b"x").await.expect("one more byte");
+        assert_eq!(door.read(&mut buf).await.expect("read"), 1);
+    }
+
+    #[tokio::test]
+    async fn without_the_preface_check_a_connection_waits_for_the_idle_timeout() {
+        // The HTTP door's streams: hyper's header timeout covers them.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (stream, remote) = listener.accept().await.expect("accept");
+        let limits = ConnectionLimits {
+            header_timeout: Duration::from_millis(50),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        let io = Slots::new(limits, "http").admit(stream).expect("a slot");
+        let mut door = DoorStream::open(io, remote, None, limits.header_timeout)
+            .await
+            .expect("plaintext opens");
+        client.write_all(b"PRI").await.expect("write");
+        let mut buf = [0u8; 8];
+        assert_eq!(door.read(&mut buf).await.expect("read"), 3);
+        let waited = tokio::time::timeout(Duration::from_millis(300), door.read(&mut buf)).await;
+        assert!(waited.is_err(), "read ended: {waited:?}");
+    }
 }
