@@ -2,15 +2,16 @@
 //! against a spawned verifier, on the HTTP door (request heads never
 //! finished) and on the gRPC door (HTTP/2 prefaces never finished), are
 //! closed after the header timeout with RSS bounded and both doors' health
-//! checks answering; and a door at its connection cap closes one more
-//! connection at once and frees slots through the idle timeout.
+//! checks answering; with TLS, the preface is counted decrypted, after the
+//! handshake; and a door at its connection cap closes one more connection
+//! at once and frees slots through the idle timeout.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::spawn_app_with;
@@ -105,7 +106,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// True once the peer has closed `stream` (EOF or an error), within `wait`.
-async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+async fn closed_within(stream: &mut (impl AsyncRead + Unpin), wait: Duration) -> bool {
     let mut buf = [0u8; 512];
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -326,7 +327,7 @@ async fn keep_alive_health(stream: &mut TcpStream) -> Option<u16> {
 }
 
 /// One HTTP/2 frame: type, flags, payload.
-async fn h2_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+async fn h2_frame(stream: &mut (impl AsyncRead + Unpin)) -> Option<(u8, u8, Vec<u8>)> {
     let mut header = [0u8; 9];
     stream.read_exact(&mut header).await.ok()?;
     let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
@@ -342,7 +343,11 @@ const H2_ACK: u8 = 0x1;
 /// An HTTP/2 connection the server has answered: preface and SETTINGS sent,
 /// the server's SETTINGS read.
 async fn h2_open(addr: SocketAddr) -> Option<TcpStream> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let stream = TcpStream::connect(addr).await.ok()?;
+    h2_start(stream).await
+}
+
+async fn h2_start<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Option<S> {
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
@@ -356,7 +361,7 @@ async fn h2_open(addr: SocketAddr) -> Option<TcpStream> {
 }
 
 /// True when the server acknowledges a PING on `stream`: it is still open.
-async fn h2_ping(stream: &mut TcpStream) -> bool {
+async fn h2_ping(stream: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> bool {
     let payload = *b"casfcap!";
     let mut frame = vec![0, 0, 8, H2_PING, 0, 0, 0, 0, 0];
     frame.extend_from_slice(&payload);
@@ -447,4 +452,61 @@ async fn a_door_at_its_cap_closes_one_more_connection_and_idle_ones_free_their_s
         .parse()
         .expect("addr");
     tokio::join!(http_door_at_its_cap(http), grpc_door_at_its_cap(grpc));
+}
+
+/// A TLS connection to the gRPC door, handshake done.
+async fn tls_to(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    connector.connect(name, tcp).await.expect("handshake")
+}
+
+#[tokio::test]
+async fn with_tls_the_grpc_preface_is_counted_decrypted_after_the_handshake() {
+    let pki = crate::pki::TestPki::new();
+    let app = spawn_app_with(&[
+        ("CASF_TLS_CERT", &pki.shown("server.pem")),
+        ("CASF_TLS_KEY", &pki.shown("server.key")),
+        ("CASF_HTTP_HEADER_TIMEOUT_SECONDS", "1"),
+        ("CASF_IDLE_TIMEOUT_SECONDS", "30"),
+    ])
+    .await;
+    let grpc: SocketAddr = app
+        .grpc
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let tls = casf_verifier::config::ClientTls {
+        ca: Some(pki.path("ca.pem")),
+        cert: None,
+        key: None,
+    };
+    let config = casf_verifier::tls::client_config("test", &tls).expect("client TLS");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+
+    // Part of the preface inside TLS records: closed by the header timeout,
+    // long before the idle one.
+    let mut slow = tls_to(&connector, grpc).await;
+    slow.write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .expect("partial");
+    slow.flush().await.expect("flush");
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(10)).await,
+        "a TLS connection without the preface is closed"
+    );
+
+    // The whole preface: open past the header timeout, until idle.
+    let past_the_header_timeout = Duration::from_secs(3);
+    let mut done = h2_start(tls_to(&connector, grpc).await)
+        .await
+        .expect("the server's SETTINGS");
+    assert!(
+        !closed_within(&mut done, past_the_header_timeout).await,
+        "open {past_the_header_timeout:?} after a complete preface"
+    );
+    assert!(h2_ping(&mut done).await, "still answering");
 }
