@@ -11,16 +11,18 @@
 //!   gone silent; Envoy's HTTP/2 pings answer count as traffic);
 //! - a header read timeout (`CASF_HTTP_HEADER_TIMEOUT_SECONDS`), against
 //!   slowloris clients that are never idle because they send a byte now and
-//!   then: on the HTTP door, a request head not complete in that time closes
-//!   the connection (hyper enforces it); on the gRPC door, the 24-byte
-//!   HTTP/2 client preface not received in that time does (checked here:
-//!   hyper's HTTP/2 server has no such timeout, and a dribbled preface would
-//!   hold a slot forever). With TLS, the handshake must finish within that
-//!   time too, and the preface's time starts after it.
+//!   then: an HTTP/1 request head not complete in that time closes the
+//!   connection (hyper enforces it), and so does an HTTP/2 client preface
+//!   (`PRI * HTTP/2.0…`, 24 bytes) on either door (checked here: hyper has
+//!   no such timeout, and a dribbled preface would hold a slot forever; on
+//!   the HTTP door, hyper's HTTP/1 timer starts only once the first bytes
+//!   differ from the preface). With TLS, the handshake must finish within
+//!   that time too, and the preface's time starts after it.
 //!
-//! The preface check counts bytes, not their meaning (h2 rejects a wrong
-//! preface itself) and costs no timer of its own: until the preface is in,
-//! the idle timer of [`Limited`] is capped at the preface deadline.
+//! The preface check costs no timer of its own: until the preface is in,
+//! the idle timer of [`Limited`] is capped at the preface deadline. On the
+//! HTTP door, bytes that stop matching the preface lift the cap (HTTP/1);
+//! on the gRPC door they do not (h2 refuses a wrong preface anyway).
 
 use std::future::Future;
 use std::io;
@@ -68,8 +70,8 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// The HTTP/2 client connection preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
-const H2_PREFACE_LEN: usize = 24;
+/// The HTTP/2 client connection preface.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A connection that holds one of its door's slots until it is dropped, and
 /// fails its reads once the client has sent nothing for `idle`, or, while a
@@ -78,7 +80,8 @@ pub struct Limited {
     inner: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
-    /// The gRPC door's preface deadline, until the preface is in.
+    /// The HTTP/2 preface deadline, until the preface is in (or, on the
+    /// HTTP door, turns out to be HTTP/1).
     cap: Option<Instant>,
     _slot: OwnedSemaphorePermit,
 }
@@ -190,8 +193,20 @@ impl AsyncWrite for Limited {
 pub struct DoorStream {
     io: DoorIo,
     peer: PeerIdentity,
-    /// Bytes of the HTTP/2 preface still to come (gRPC door), else 0.
-    preface_left: usize,
+    preface: Preface,
+}
+
+/// How far a connection is through the HTTP/2 preface, while its
+/// [`Limited`] has a cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preface {
+    /// No cap (any more).
+    Done,
+    /// `seen` bytes of the preface are in; `or_http1`: bytes that differ
+    /// from it lift the cap (the HTTP door, where hyper then times HTTP/1).
+    Awaited { seen: usize, or_http1: bool },
+    /// Bytes that are not the preface, on the gRPC door: the cap stays.
+    Wrong,
 }
 
 enum DoorIo {
@@ -220,7 +235,7 @@ impl DoorStream {
                     sans: Vec::new(),
                     remote: Some(remote),
                 },
-                preface_left: 0,
+                preface: Preface::Done,
             });
         };
         let failure = match tokio::time::timeout(timeout, tls.acceptor(door).accept(io)).await {
@@ -229,7 +244,7 @@ impl DoorStream {
                 return Some(DoorStream {
                     io: DoorIo::Tls(Box::new(stream)),
                     peer,
-                    preface_left: 0,
+                    preface: Preface::Done,
                 });
             }
             Ok(Err(error)) => error.to_string(),
@@ -243,11 +258,37 @@ impl DoorStream {
 
 impl DoorStream {
     /// From now (after any TLS handshake), reads fail once `within` has
-    /// passed without the 24 bytes of the HTTP/2 client preface, counted as
-    /// decrypted; the gRPC door's header timeout.
-    fn expect_h2_preface(&mut self, within: Duration) {
-        self.preface_left = H2_PREFACE_LEN;
+    /// passed without the HTTP/2 client preface, read as decrypted; with
+    /// `or_http1`, unless the first bytes are not the preface.
+    fn expect_h2_preface(&mut self, within: Duration, or_http1: bool) {
+        self.preface = Preface::Awaited { seen: 0, or_http1 };
         self.limited().set_cap(Instant::now() + within);
+    }
+
+    /// Follows the preface through `got`, the bytes just read.
+    fn saw(&mut self, got: &[u8]) {
+        let Preface::Awaited { seen, or_http1 } = self.preface else {
+            return;
+        };
+        let want = &H2_PREFACE[seen..];
+        let n = got.len().min(want.len());
+        self.preface = if got[..n] != want[..n] {
+            if or_http1 {
+                Preface::Done
+            } else {
+                Preface::Wrong
+            }
+        } else if seen + n == H2_PREFACE.len() {
+            Preface::Done
+        } else {
+            Preface::Awaited {
+                seen: seen + n,
+                or_http1,
+            }
+        };
+        if self.preface == Preface::Done {
+            self.limited().lift_cap();
+        }
     }
 
     fn limited(&mut self) -> &mut Limited {
@@ -269,12 +310,8 @@ impl AsyncRead for DoorStream {
             DoorIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
             DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
         };
-        if self.preface_left > 0 && matches!(read, Poll::Ready(Ok(()))) {
-            let got = buf.filled().len() - before;
-            self.preface_left = self.preface_left.saturating_sub(got);
-            if self.preface_left == 0 {
-                self.limited().lift_cap();
-            }
+        if matches!(self.preface, Preface::Awaited { .. }) && matches!(read, Poll::Ready(Ok(()))) {
+            self.saw(&buf.filled()[before..]);
         }
         read
     }
@@ -405,7 +442,8 @@ impl Slots {
 
 /// Serves `app` on `listener` with `limits` until `shutdown` resolves, then
 /// lets open requests finish (idle keep-alive connections close at once).
-/// With `tls`, every connection is HTTPS.
+/// With `tls`, every connection is HTTPS. A connection that starts an
+/// HTTP/2 preface must finish it within the header timeout.
 pub async fn serve_http(
     listener: TcpListener,
     app: Router,
@@ -445,13 +483,14 @@ pub async fn serve_http(
         tokio::spawn(async move {
             let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Http));
             let opened = DoorStream::open(io, remote, tls, limits.header_timeout);
-            let io = tokio::select! {
+            let mut io = tokio::select! {
                 opened = opened => match opened {
                     Some(io) => io,
                     None => return,
                 },
                 _ = stopping.wait_for(|stop| *stop) => return,
             };
+            io.expect_h2_preface(limits.header_timeout, true);
             let service = WithPeer {
                 inner: TowerToHyperService::new(app),
                 peer: io.peer().clone(),
@@ -519,7 +558,7 @@ pub fn grpc_incoming(
                 let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Grpc));
                 if let Some(mut io) = DoorStream::open(io, remote, tls, limits.header_timeout).await
                 {
-                    io.expect_h2_preface(limits.header_timeout);
+                    io.expect_h2_preface(limits.header_timeout, false);
                     let _ = tx.send(Ok(io)).await;
                 }
             };
@@ -538,10 +577,9 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    const PREFACE: &[u8; H2_PREFACE_LEN] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-    /// A client socket and the server side of it as the gRPC door holds it.
-    async fn grpc_pair(header_timeout: Duration) -> (TcpStream, DoorStream) {
+    /// A client socket and the server side of it as a door holds it:
+    /// `or_http1` false for the gRPC door, true for the HTTP door.
+    async fn pair(header_timeout: Duration, or_http1: bool) -> (TcpStream, DoorStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
@@ -552,89 +590,106 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             max_connections: 1,
         };
-        let io = Slots::new(limits, "grpc").admit(stream).expect("a slot");
+        let io = Slots::new(limits, "test").admit(stream).expect("a slot");
         let mut door = DoorStream::open(io, remote, None, header_timeout)
             .await
             .expect("plaintext opens");
-        door.expect_h2_preface(header_timeout);
+        door.expect_h2_preface(header_timeout, or_http1);
         (client, door)
     }
 
-    #[tokio::test]
-    async fn a_dribbled_preface_fails_reads_at_the_header_timeout_not_the_idle_one() {
-        let header_timeout = Duration::from_millis(200);
-        let (mut client, mut door) = grpc_pair(header_timeout).await;
-        let opened = Instant::now();
-        // One byte every 20 ms, never the 24th: never idle for long.
-        let dribble = tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(20));
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            for byte in &PREFACE[..H2_PREFACE_LEN - 1] {
-                every.tick().await;
-                if client.write_all(&[*byte]).await.is_err() {
-                    break;
-                }
-            }
-            client
-        });
+    /// Reads until an error, bounded far below the 60 s idle timeout so that
+    /// only the preface cap can end it; the error and the bytes read.
+    async fn read_until_failure(door: &mut DoorStream) -> (io::Error, usize) {
         let mut got = 0;
         let mut buf = [0u8; 64];
-        // Bounded far below the 60 s idle timeout, so only the cap ends it.
-        let error = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match door.read(&mut buf).await {
                     Ok(0) => panic!("the client never closes"),
                     Ok(n) => got += n,
-                    Err(error) => return error,
+                    Err(error) => return (error, got),
                 }
             }
         })
         .await
-        .expect("reads fail long before the idle timeout");
-        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
-        assert!(error.to_string().contains("preface"), "{error}");
-        assert!(got < H2_PREFACE_LEN);
-        assert!(opened.elapsed() >= header_timeout);
-        drop(dribble.await);
+        .expect("reads fail long before the idle timeout")
+    }
+
+    /// True when `door` is still open `wait` after the header timeout.
+    async fn still_open(door: &mut DoorStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 8];
+        tokio::time::timeout(wait, door.read(&mut buf))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn a_dribbled_preface_fails_reads_at_the_header_timeout_not_the_idle_one() {
+        for or_http1 in [false, true] {
+            let header_timeout = Duration::from_millis(200);
+            let (mut client, mut door) = pair(header_timeout, or_http1).await;
+            let opened = Instant::now();
+            // One byte every 20 ms, never the 24th: never idle for long.
+            let dribble = tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(20));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for byte in &H2_PREFACE[..H2_PREFACE.len() - 1] {
+                    every.tick().await;
+                    if client.write_all(&[*byte]).await.is_err() {
+                        break;
+                    }
+                }
+                client
+            });
+            let (error, got) = read_until_failure(&mut door).await;
+            assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+            assert!(error.to_string().contains("preface"), "{error}");
+            assert!(got < H2_PREFACE.len());
+            assert!(opened.elapsed() >= header_timeout);
+            drop(dribble.await);
+        }
     }
 
     #[tokio::test]
     async fn a_complete_preface_leaves_only_the_idle_timeout() {
-        let header_timeout = Duration::from_millis(100);
-        let (mut client, mut door) = grpc_pair(header_timeout).await;
-        client.write_all(PREFACE).await.expect("preface");
-        let mut preface = [0u8; H2_PREFACE_LEN];
-        door.read_exact(&mut preface).await.expect("the preface");
-        assert_eq!(&preface, PREFACE);
-        // Well past the header timeout, the connection is still open.
-        let mut buf = [0u8; 8];
-        let waited = tokio::time::timeout(header_timeout * 5, door.read(&mut buf)).await;
-        assert!(waited.is_err(), "read ended: {waited:?}");
-        client.write_all(b"x").await.expect("one more byte");
-        assert_eq!(door.read(&mut buf).await.expect("read"), 1);
+        for or_http1 in [false, true] {
+            let header_timeout = Duration::from_millis(100);
+            let (mut client, mut door) = pair(header_timeout, or_http1).await;
+            client.write_all(H2_PREFACE).await.expect("preface");
+            let mut preface = [0u8; H2_PREFACE.len()];
+            door.read_exact(&mut preface).await.expect("the preface");
+            assert_eq!(&preface, H2_PREFACE);
+            assert!(still_open(&mut door, header_timeout * 5).await);
+            client.write_all(b"x").await.expect("one more byte");
+            let mut buf = [0u8; 8];
+            assert_eq!(door.read(&mut buf).await.expect("read"), 1);
+        }
     }
 
     #[tokio::test]
-    async fn without_the_preface_check_a_connection_waits_for_the_idle_timeout() {
-        // The HTTP door's streams: hyper's header timeout covers them.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (stream, remote) = listener.accept().await.expect("accept");
-        let limits = ConnectionLimits {
-            header_timeout: Duration::from_millis(50),
-            idle_timeout: Duration::from_secs(60),
-            max_connections: 1,
-        };
-        let io = Slots::new(limits, "http").admit(stream).expect("a slot");
-        let mut door = DoorStream::open(io, remote, None, limits.header_timeout)
-            .await
-            .expect("plaintext opens");
-        client.write_all(b"PRI").await.expect("write");
+    async fn on_the_http_door_http1_bytes_lift_the_cap_for_hypers_own_timeout() {
+        let header_timeout = Duration::from_millis(100);
+        let (mut client, mut door) = pair(header_timeout, true).await;
+        // "PO" differs from "PR": HTTP/1, whose head hyper times.
+        client.write_all(b"PO").await.expect("write");
         let mut buf = [0u8; 8];
-        assert_eq!(door.read(&mut buf).await.expect("read"), 3);
-        let waited = tokio::time::timeout(Duration::from_millis(300), door.read(&mut buf)).await;
-        assert!(waited.is_err(), "read ended: {waited:?}");
+        let mut got = 0;
+        while got < 2 {
+            got += door.read(&mut buf).await.expect("read");
+        }
+        assert!(still_open(&mut door, header_timeout * 5).await);
+    }
+
+    #[tokio::test]
+    async fn on_the_grpc_door_bytes_that_are_not_the_preface_keep_the_cap() {
+        let header_timeout = Duration::from_millis(100);
+        let (mut client, mut door) = pair(header_timeout, false).await;
+        client
+            .write_all(b"POST / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let (error, _) = read_until_failure(&mut door).await;
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -3,7 +3,8 @@
 //! finished) and on the gRPC door (HTTP/2 prefaces never finished), are
 //! closed after the header timeout with RSS bounded and both doors' health
 //! checks answering; with TLS, the preface is counted decrypted, after the
-//! handshake; and a door at its connection cap closes one more connection
+//! handshake; an unfinished preface on the HTTP door (HTTP/2 with prior
+//! knowledge) is closed too; and a door at its connection cap closes one more connection
 //! at once and frees slots through the idle timeout.
 
 use std::io::{BufRead, BufReader};
@@ -509,4 +510,35 @@ async fn with_tls_the_grpc_preface_is_counted_decrypted_after_the_handshake() {
         "open {past_the_header_timeout:?} after a complete preface"
     );
     assert!(h2_ping(&mut done).await, "still answering");
+}
+
+#[tokio::test]
+async fn an_unfinished_h2_preface_on_the_http_door_is_closed_by_the_header_timeout() {
+    let app = spawn_app_with(&[
+        ("CASF_HTTP_HEADER_TIMEOUT_SECONDS", "1"),
+        ("CASF_IDLE_TIMEOUT_SECONDS", "30"),
+    ])
+    .await;
+    let http: SocketAddr = app
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    // The HTTP door serves HTTP/2 with prior knowledge too, and hyper's
+    // header timeout starts only once the preface has told HTTP/2 from
+    // HTTP/1: 23 of its 24 bytes would otherwise hold the connection until
+    // the idle timeout (and a byte now and then, for ever).
+    let mut slow = TcpStream::connect(http).await.expect("connect");
+    slow.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r")
+        .await
+        .expect("partial");
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(10)).await,
+        "closed long before the 30 s idle timeout"
+    );
+    // HTTP/1 and HTTP/2 requests are still served.
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, 200);
+    let mut h2 = h2_open(http).await.expect("HTTP/2 with prior knowledge");
+    assert!(h2_ping(&mut h2).await);
 }
