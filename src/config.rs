@@ -242,7 +242,7 @@ pub const VARIABLES: &[Variable] = &[
         "CASF_HTTP_HEADER_TIMEOUT_SECONDS",
         "http-header-timeout-seconds",
         "10",
-        "an HTTP connection that has not sent a whole request head within this is closed",
+        "a connection without a whole HTTP/1 request head or HTTP/2 preface (gRPC) within this is closed",
     ),
     var(
         "CASF_IDLE_TIMEOUT_SECONDS",

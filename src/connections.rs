@@ -9,9 +9,20 @@
 //! - an idle timeout (`CASF_IDLE_TIMEOUT_SECONDS`): a connection the client
 //!   sent nothing on for that long is closed (HTTP keep-alive, a gRPC peer
 //!   gone silent; Envoy's HTTP/2 pings answer count as traffic);
-//! - on the HTTP door, a header read timeout
-//!   (`CASF_HTTP_HEADER_TIMEOUT_SECONDS`): a request head not complete in
-//!   that time closes the connection (slowloris).
+//! - a header read timeout (`CASF_HTTP_HEADER_TIMEOUT_SECONDS`), against
+//!   slowloris clients that are never idle because they send a byte now and
+//!   then: an HTTP/1 request head not complete in that time closes the
+//!   connection (hyper enforces it), and so does an HTTP/2 client preface
+//!   (`PRI * HTTP/2.0…`, 24 bytes) on either door (checked here: hyper has
+//!   no such timeout, and a dribbled preface would hold a slot forever; on
+//!   the HTTP door, hyper's HTTP/1 timer starts only once the first bytes
+//!   differ from the preface). With TLS, the handshake must finish within
+//!   that time too, and the preface's time starts after it.
+//!
+//! The preface check costs no timer of its own: until the preface is in,
+//! the idle timer of [`Limited`] is capped at the preface deadline. On the
+//! HTTP door, bytes that stop matching the preface lift the cap (HTTP/1);
+//! on the gRPC door they do not (h2 refuses a wrong preface anyway).
 
 use std::future::Future;
 use std::io;
@@ -59,12 +70,19 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The HTTP/2 client connection preface.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// A connection that holds one of its door's slots until it is dropped, and
-/// fails its reads once the client has sent nothing for `idle`.
+/// fails its reads once the client has sent nothing for `idle`, or, while a
+/// `cap` is set, once the cap has passed however much the client sends.
 pub struct Limited {
     inner: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// The HTTP/2 preface deadline, until the preface is in (or, on the
+    /// HTTP door, turns out to be HTTP/1).
+    cap: Option<Instant>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -74,8 +92,23 @@ impl Limited {
             inner,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            cap: None,
             _slot: slot,
         }
+    }
+
+    /// Reads fail from `at` on, whatever arrives, until [`Self::lift_cap`].
+    fn set_cap(&mut self, at: Instant) {
+        self.cap = Some(at);
+        let next = self.deadline.deadline().min(at);
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Back to the idle timeout alone, counted from now.
+    fn lift_cap(&mut self) {
+        self.cap = None;
+        let next = Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
     }
 }
 
@@ -89,13 +122,23 @@ impl AsyncRead for Limited {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    let next = Instant::now() + self.idle;
+                    let now = Instant::now();
+                    let mut next = now + self.idle;
+                    if let Some(cap) = self.cap {
+                        // Bytes that keep coming (TLS records with no
+                        // preface in them) do not stretch the cap.
+                        if now >= cap {
+                            return Poll::Ready(Err(no_preface()));
+                        }
+                        next = next.min(cap);
+                    }
                     self.deadline.as_mut().reset(next);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) if self.cap.is_some() => Poll::Ready(Err(no_preface())),
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "idle connection closed",
@@ -104,6 +147,13 @@ impl AsyncRead for Limited {
             },
         }
     }
+}
+
+fn no_preface() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "HTTP/2 preface not received within the header timeout",
+    )
 }
 
 impl AsyncWrite for Limited {
@@ -143,6 +193,20 @@ impl AsyncWrite for Limited {
 pub struct DoorStream {
     io: DoorIo,
     peer: PeerIdentity,
+    preface: Preface,
+}
+
+/// How far a connection is through the HTTP/2 preface, while its
+/// [`Limited`] has a cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preface {
+    /// No cap (any more).
+    Done,
+    /// `seen` bytes of the preface are in; `or_http1`: bytes that differ
+    /// from it lift the cap (the HTTP door, where hyper then times HTTP/1).
+    Awaited { seen: usize, or_http1: bool },
+    /// Bytes that are not the preface, on the gRPC door: the cap stays.
+    Wrong,
 }
 
 enum DoorIo {
@@ -171,6 +235,7 @@ impl DoorStream {
                     sans: Vec::new(),
                     remote: Some(remote),
                 },
+                preface: Preface::Done,
             });
         };
         let failure = match tokio::time::timeout(timeout, tls.acceptor(door).accept(io)).await {
@@ -179,6 +244,7 @@ impl DoorStream {
                 return Some(DoorStream {
                     io: DoorIo::Tls(Box::new(stream)),
                     peer,
+                    preface: Preface::Done,
                 });
             }
             Ok(Err(error)) => error.to_string(),
@@ -190,16 +256,64 @@ impl DoorStream {
     }
 }
 
+impl DoorStream {
+    /// From now (after any TLS handshake), reads fail once `within` has
+    /// passed without the HTTP/2 client preface, read as decrypted; with
+    /// `or_http1`, unless the first bytes are not the preface.
+    fn expect_h2_preface(&mut self, within: Duration, or_http1: bool) {
+        self.preface = Preface::Awaited { seen: 0, or_http1 };
+        self.limited().set_cap(Instant::now() + within);
+    }
+
+    /// Follows the preface through `got`, the bytes just read.
+    fn saw(&mut self, got: &[u8]) {
+        let Preface::Awaited { seen, or_http1 } = self.preface else {
+            return;
+        };
+        let want = &H2_PREFACE[seen..];
+        let n = got.len().min(want.len());
+        self.preface = if got[..n] != want[..n] {
+            if or_http1 {
+                Preface::Done
+            } else {
+                Preface::Wrong
+            }
+        } else if seen + n == H2_PREFACE.len() {
+            Preface::Done
+        } else {
+            Preface::Awaited {
+                seen: seen + n,
+                or_http1,
+            }
+        };
+        if self.preface == Preface::Done {
+            self.limited().lift_cap();
+        }
+    }
+
+    fn limited(&mut self) -> &mut Limited {
+        match &mut self.io {
+            DoorIo::Plain(io) => io,
+            DoorIo::Tls(io) => io.get_mut().0,
+        }
+    }
+}
+
 impl AsyncRead for DoorStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.io {
+        let before = buf.filled().len();
+        let read = match &mut self.io {
             DoorIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
             DoorIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        };
+        if matches!(self.preface, Preface::Awaited { .. }) && matches!(read, Poll::Ready(Ok(()))) {
+            self.saw(&buf.filled()[before..]);
         }
+        read
     }
 }
 
@@ -328,7 +442,8 @@ impl Slots {
 
 /// Serves `app` on `listener` with `limits` until `shutdown` resolves, then
 /// lets open requests finish (idle keep-alive connections close at once).
-/// With `tls`, every connection is HTTPS.
+/// With `tls`, every connection is HTTPS. A connection that starts an
+/// HTTP/2 preface must finish it within the header timeout.
 pub async fn serve_http(
     listener: TcpListener,
     app: Router,
@@ -368,13 +483,14 @@ pub async fn serve_http(
         tokio::spawn(async move {
             let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Http));
             let opened = DoorStream::open(io, remote, tls, limits.header_timeout);
-            let io = tokio::select! {
+            let mut io = tokio::select! {
                 opened = opened => match opened {
                     Some(io) => io,
                     None => return,
                 },
                 _ = stopping.wait_for(|stop| *stop) => return,
             };
+            io.expect_h2_preface(limits.header_timeout, true);
             let service = WithPeer {
                 inner: TowerToHyperService::new(app),
                 peer: io.peer().clone(),
@@ -406,7 +522,8 @@ pub async fn serve_http(
 
 /// The gRPC door's accepted connections, each holding a slot, for tonic;
 /// with `tls`, after their handshake. Handshakes run in their own tasks, so
-/// a slow one does not hold up the next accept.
+/// a slow one does not hold up the next accept. Each must then deliver the
+/// HTTP/2 preface within the header timeout.
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
@@ -439,7 +556,9 @@ pub fn grpc_incoming(
             let tls = tls.clone();
             let open = async move {
                 let tls = tls.as_deref().map(|tls| (tls, TlsDoor::Grpc));
-                if let Some(io) = DoorStream::open(io, remote, tls, limits.header_timeout).await {
+                if let Some(mut io) = DoorStream::open(io, remote, tls, limits.header_timeout).await
+                {
+                    io.expect_h2_preface(limits.header_timeout, false);
                     let _ = tx.send(Ok(io)).await;
                 }
             };
@@ -451,4 +570,126 @@ pub fn grpc_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client socket and the server side of it as a door holds it:
+    /// `or_http1` false for the gRPC door, true for the HTTP door.
+    async fn pair(header_timeout: Duration, or_http1: bool) -> (TcpStream, DoorStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (stream, remote) = listener.accept().await.expect("accept");
+        let limits = ConnectionLimits {
+            header_timeout,
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        let io = Slots::new(limits, "test").admit(stream).expect("a slot");
+        let mut door = DoorStream::open(io, remote, None, header_timeout)
+            .await
+            .expect("plaintext opens");
+        door.expect_h2_preface(header_timeout, or_http1);
+        (client, door)
+    }
+
+    /// Reads until an error, bounded far below the 60 s idle timeout so that
+    /// only the preface cap can end it; the error and the bytes read.
+    async fn read_until_failure(door: &mut DoorStream) -> (io::Error, usize) {
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match door.read(&mut buf).await {
+                    Ok(0) => panic!("the client never closes"),
+                    Ok(n) => got += n,
+                    Err(error) => return (error, got),
+                }
+            }
+        })
+        .await
+        .expect("reads fail long before the idle timeout")
+    }
+
+    /// True when `door` is still open `wait` after the header timeout.
+    async fn still_open(door: &mut DoorStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 8];
+        tokio::time::timeout(wait, door.read(&mut buf))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn a_dribbled_preface_fails_reads_at_the_header_timeout_not_the_idle_one() {
+        for or_http1 in [false, true] {
+            let header_timeout = Duration::from_millis(200);
+            let (mut client, mut door) = pair(header_timeout, or_http1).await;
+            let opened = Instant::now();
+            // One byte every 20 ms, never the 24th: never idle for long.
+            let dribble = tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(20));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for byte in &H2_PREFACE[..H2_PREFACE.len() - 1] {
+                    every.tick().await;
+                    if client.write_all(&[*byte]).await.is_err() {
+                        break;
+                    }
+                }
+                client
+            });
+            let (error, got) = read_until_failure(&mut door).await;
+            assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+            assert!(error.to_string().contains("preface"), "{error}");
+            assert!(got < H2_PREFACE.len());
+            assert!(opened.elapsed() >= header_timeout);
+            drop(dribble.await);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_complete_preface_leaves_only_the_idle_timeout() {
+        for or_http1 in [false, true] {
+            let header_timeout = Duration::from_millis(100);
+            let (mut client, mut door) = pair(header_timeout, or_http1).await;
+            client.write_all(H2_PREFACE).await.expect("preface");
+            let mut preface = [0u8; H2_PREFACE.len()];
+            door.read_exact(&mut preface).await.expect("the preface");
+            assert_eq!(&preface, H2_PREFACE);
+            assert!(still_open(&mut door, header_timeout * 5).await);
+            client.write_all(b"x").await.expect("one more byte");
+            let mut buf = [0u8; 8];
+            assert_eq!(door.read(&mut buf).await.expect("read"), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn on_the_http_door_http1_bytes_lift_the_cap_for_hypers_own_timeout() {
+        let header_timeout = Duration::from_millis(100);
+        let (mut client, mut door) = pair(header_timeout, true).await;
+        // "PO" differs from "PR": HTTP/1, whose head hyper times.
+        client.write_all(b"PO").await.expect("write");
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        while got < 2 {
+            got += door.read(&mut buf).await.expect("read");
+        }
+        assert!(still_open(&mut door, header_timeout * 5).await);
+    }
+
+    #[tokio::test]
+    async fn on_the_grpc_door_bytes_that_are_not_the_preface_keep_the_cap() {
+        let header_timeout = Duration::from_millis(100);
+        let (mut client, mut door) = pair(header_timeout, false).await;
+        client
+            .write_all(b"POST / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let (error, _) = read_until_failure(&mut door).await;
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
 }
