@@ -3,7 +3,8 @@
 # installs and starts the test services (PostgreSQL, Redis, OPA-compatible
 # server, and Envoy for the tests to run; see scripts/services.sh), then runs
 # fmt, clippy, the observability and deployment checks, the container image
-# smoke test (scripts/image.sh) and all tests.
+# smoke test (scripts/image.sh), a bounded fuzz run (scripts/fuzz.sh) and
+# all tests.
 # Extra arguments go to `cargo test`, e.g. scripts/test.sh -- --nocapture
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,6 +32,9 @@ scripts/check_deploy.sh
 scripts/image.sh smoke
 # Benchmarks in smoke mode: every row must run and produce numbers; no timing is asserted.
 scripts/bench.sh --smoke
+# Coverage-guided fuzzing of the /verify and CheckRequest parsers, bounded:
+# the build (own target dir, fuzz/target) plus 45 s per target.
+scripts/fuzz.sh 45
 
 # The test suite last, with one closing count over all test binaries.
 mkdir -p target
