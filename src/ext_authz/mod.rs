@@ -260,32 +260,35 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_panic_while_deciding_is_an_explicit_fail_closed_deny() {
+    /// A pipeline deciding with `policy` over in-process state, without
+    /// audit, behind a one-route map that trusts identity headers.
+    fn pipeline_over(
+        policy: Arc<dyn PolicyEngine>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Pipeline> {
         let state = Arc::new(MemoryState::new(
             Duration::from_secs(60),
             Duration::from_secs(5),
             1024,
         ));
-        let metrics = Arc::new(crate::metrics::Metrics::new());
         let routes = RouteMap::parse(
             "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
         )
         .unwrap();
         let live = crate::policy::live::LivePolicy::fixed(crate::policy::live::PolicySet::fixed(
-            Arc::new(Panics),
+            policy.clone(),
             routes,
         ));
-        let pipeline = Pipeline::new(
-            Arc::new(Panics),
-            None,
-            state,
-            None,
-            metrics.clone(),
-            SmsLimit::default(),
+        Arc::new(
+            Pipeline::new(policy, None, state, None, metrics, SmsLimit::default())
+                .with_live_policy(Arc::new(live)),
         )
-        .with_live_policy(Arc::new(live));
-        let door = ExtAuthz::new(Arc::new(pipeline));
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_deciding_is_an_explicit_fail_closed_deny() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let door = ExtAuthz::new(pipeline_over(Arc::new(Panics), metrics.clone()));
         let check = CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(AttrRequest {
@@ -360,30 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn claims_from_an_uncertified_peer_off_loopback_are_not_an_identity() {
-        let state = Arc::new(MemoryState::new(
-            Duration::from_secs(60),
-            Duration::from_secs(5),
-            1024,
-        ));
-        let routes = RouteMap::parse(
-            "identity: {headers: {trusted: true}}\nmode: {default: ALLOW}\nroutes: [{method: GET, path: \"/h/{patient_id}\", tool: cliniccloud.summary_history}]",
-        )
-        .unwrap();
-        let live = crate::policy::live::LivePolicy::fixed(crate::policy::live::PolicySet::fixed(
-            Arc::new(AllowAll),
-            routes,
-        ));
-        let pipeline = Arc::new(
-            Pipeline::new(
-                Arc::new(AllowAll),
-                None,
-                state,
-                None,
-                Arc::new(crate::metrics::Metrics::new()),
-                SmsLimit::default(),
-            )
-            .with_live_policy(Arc::new(live)),
-        );
+        let pipeline = pipeline_over(Arc::new(AllowAll), Arc::new(crate::metrics::Metrics::new()));
         let check = |n: u32| {
             translate::tests::with_claims(
                 CheckRequest {
