@@ -19,14 +19,6 @@ use crate::servers::wait_until;
 
 const SUFFIX: &str = " | audit_append_failed";
 
-/// A migrated private cluster.
-fn cluster() -> PrivateCluster {
-    let cluster = PrivateCluster::start();
-    let migrate = cli(&cluster.dsn(), &["migrate"]);
-    assert_eq!(migrate.status.code(), Some(0), "{}", printed(&migrate));
-    cluster
-}
-
 async fn rows(cluster: &PrivateCluster) -> Vec<AuditRow> {
     let port = cluster.dsn().rsplit_once("port=").unwrap().1.to_owned();
     let pool = connect(&format!(
@@ -72,7 +64,7 @@ fn assert_verifies(cluster: &PrivateCluster, events: usize) {
 
 #[tokio::test]
 async fn two_replicas_spool_through_an_outage_and_drain_into_one_chain() {
-    let cluster = cluster();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
     let (spool_a, spool_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let replica = |dir: &tempfile::TempDir| {
@@ -141,7 +133,7 @@ async fn two_replicas_spool_through_an_outage_and_drain_into_one_chain() {
 
 #[tokio::test]
 async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_duplicates() {
-    let cluster = cluster();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
     let dir = tempfile::tempdir().unwrap();
     let spool_env = [("CASF_AUDIT_SPOOL", dir.path().to_str().unwrap())];
@@ -231,7 +223,7 @@ async fn a_killed_process_leaves_a_spool_that_drains_on_the_next_start_without_d
 
 #[tokio::test]
 async fn a_full_spool_fails_writes_closed_when_strict_and_counts_them_lost_otherwise() {
-    let cluster = cluster();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
     let (strict_dir, loose_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let strict = spawn_app_with(&[
@@ -314,7 +306,7 @@ fn write_again() -> Value {
 #[ignore = "a measurement, not a check"]
 async fn drain_rate() {
     const EVENTS: usize = 20_000;
-    let cluster = cluster();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
     let dir = tempfile::tempdir().unwrap();
     let mut spool = Spool::open(dir.path(), 1 << 30).unwrap();
@@ -384,7 +376,7 @@ async fn decide(app: &TestApp, sent: &mut Vec<String>, tool: &str) {
 
 #[tokio::test]
 async fn always_mode_two_replicas_answer_through_an_outage_and_ship_into_one_chain_in_order() {
-    let cluster = cluster();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
     let (spool_a, spool_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = spawn_app_with(&always(&spool_a, &[("PG_DSN", &dsn)])).await;
@@ -454,7 +446,7 @@ async fn always_mode_two_replicas_answer_through_an_outage_and_ship_into_one_cha
 
 #[tokio::test]
 async fn always_mode_a_restart_ships_the_spool_a_killed_process_left() {
-    let cluster = cluster();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
     let dir = tempfile::tempdir().unwrap();
     let env = always(&dir, &[]);

@@ -312,6 +312,14 @@ fn is_root() -> bool {
 }
 
 impl PrivateCluster {
+    /// [`PrivateCluster::start`], with the schema in place (`migrate`).
+    pub fn migrated() -> Self {
+        let cluster = Self::start();
+        let migrate = cli(&cluster.dsn(), &["migrate"]);
+        assert_eq!(migrate.status.code(), Some(0), "{}", printed(&migrate));
+        cluster
+    }
+
     pub fn start() -> Self {
         let bin = PathBuf::from(required_env("CASF_TEST_PG_BIN"));
         let dir = tempfile::Builder::new()

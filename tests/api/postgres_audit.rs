@@ -461,10 +461,8 @@ async fn audit_failures(app: &TestApp) -> f64 {
 
 #[tokio::test]
 async fn the_first_probe_after_a_restart_answers_although_the_pool_holds_cut_connections() {
-    let cluster = PrivateCluster::start();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
-    let migrate = cli(&dsn, &["migrate"]);
-    assert_eq!(migrate.status.code(), Some(0), "{}", printed(&migrate));
     let log = PostgresAuditLog::open(&PgDsn::parse(&dsn).expect("DSN"))
         .await
         .expect("open");
@@ -486,10 +484,8 @@ async fn the_first_probe_after_a_restart_answers_although_the_pool_holds_cut_con
 
 #[tokio::test]
 async fn a_postgres_outage_degrades_auditing_and_heals_without_a_restart() {
-    let cluster = PrivateCluster::start();
+    let cluster = PrivateCluster::migrated();
     let dsn = cluster.dsn();
-    let migrate = cli(&dsn, &["migrate"]);
-    assert_eq!(migrate.status.code(), Some(0), "{}", printed(&migrate));
     let app = app_on(&dsn).await;
 
     let before = request("cliniccloud.create_appointment", "ALLOW");
