@@ -40,7 +40,9 @@ case ${1:-} in
   *) echo "usage: scripts/bench.sh [--smoke | --interleave [ROUNDS]]" >&2; exit 2 ;;
 esac
 # VERIFY_EVENTS: the chain `audit verify` reads back (1M in a full run).
-if ((SMOKE)); then DURATION=1; WARMUP=0.3; AUDIT_EVENTS=2000; VERIFY_EVENTS=20000; OUT=${BENCH_OUT:-target/bench/BENCHMARKS.smoke.md}
+# The smoke's warm-up is a whole second: a closed-loop row whose first
+# requests all outlast warm-up plus duration records nothing.
+if ((SMOKE)); then DURATION=1; WARMUP=1; AUDIT_EVENTS=2000; VERIFY_EVENTS=20000; OUT=${BENCH_OUT:-target/bench/BENCHMARKS.smoke.md}
 else DURATION=10; WARMUP=2; AUDIT_EVENTS=60000; VERIFY_EVENTS=1000000; OUT=BENCHMARKS.md; fi
 # Interleaved rows: 8 s each (8,000 requests, so the p99.9 rests on 8).
 ((INTERLEAVE)) && { DURATION=${BENCH_ROW_SECONDS:-8}; WARMUP=1; }
@@ -118,7 +120,9 @@ fresh_pg() {
 }
 
 # start_verifier NAME VAR=VALUE...: runs the verifier with exactly these
-# backend variables and records how long it took until /health answered.
+# backend variables and records how long it took until /health answered;
+# then waits for /healthz to be ready (every backend answering), so that a
+# row does not start while a backend is still being reached.
 start_verifier() {
   local name=$1
   shift
@@ -139,6 +143,10 @@ start_verifier() {
   done
   local ready_ms=$(( ($(date +%s%N) - started) / 1000000 ))
   echo "{\"row\":\"startup\",\"backends\":\"$name\",\"ready_ms\":$ready_ms}" >>"$RESULTS"
+  until curl -fs ${HEALTH_CURL:-} "${HEALTH_SCHEME:-http}://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || { curl -s ${HEALTH_CURL:-} "${HEALTH_SCHEME:-http}://127.0.0.1:$HTTP_PORT/healthz" >&2; log "$name is not ready"; exit 1; }
+    sleep 0.05
+  done
 }
 
 # The upstream and the Envoy in front of it, for the Envoy rows of one
@@ -385,10 +393,19 @@ rm -f "$WORK"/verify.db*
 fresh_pg verify
 verify_row postgres "PG_DSN=$FRESH_DSN"
 
-python3 scripts/bench_report.py "$RESULTS" "$OUT" "$SMOKE"
+# The verifiers' own logs (RUST_LOG=warn) say what a failed row met.
+show_logs() {
+  local f
+  for f in "$WORK"/*.log; do
+    [[ -s $f ]] || continue
+    echo "--- last lines of $f ($(wc -l <"$f") in all)" >&2
+    tail -n 5 "$f" >&2
+  done
+}
+python3 scripts/bench_report.py "$RESULTS" "$OUT" "$SMOKE" || { show_logs; exit 1; }
 log "wrote $OUT"
 if ((SMOKE)); then
   # One short interleaved round: proves the mode runs and yields numbers.
   interleave 1 "$WORK/interleave.jsonl"
-  python3 scripts/bench_interleave.py "$WORK/interleave.jsonl" "$WORK/interleave.smoke.md" "" 1 "$DURATION" --check
+  python3 scripts/bench_interleave.py "$WORK/interleave.jsonl" "$WORK/interleave.smoke.md" "" 1 "$DURATION" --check || { show_logs; exit 1; }
 fi

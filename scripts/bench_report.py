@@ -180,7 +180,10 @@ if smoke:
     def row(r):
         return f"{r['backends']}/{r['door']} {r['args']}"
 
+    # allow/deny count the warm-up too, and the slowest request includes it:
+    # a row with nothing recorded says whether its requests were slow or absent.
     problems = [f"{row(r)}: {r['recorded']} recorded, {r['errors']} errors, {r['undecided']} undecided"
+                + f" ({r['allow']} allowed and {r['deny']} denied in all, slowest {r.get('slowest_overall_ms')} ms)"
                 + (f" (first: {r['first_problem']})" if r.get("first_problem") else "")
                 for r in loads if r["recorded"] == 0 or r["errors"] or r["undecided"]]
     # Every door's rows are there; a missing one would leave a target unjudged.

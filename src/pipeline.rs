@@ -97,8 +97,10 @@ pub struct Pipeline {
     /// `CASF_CALLERS`: every request must come with a caller, whose grants
     /// bound what it may claim.
     callers: Option<Arc<Callers>>,
-    /// State store failures repeat per request while it is down: one line a second.
-    state_log: LogLimiter,
+    /// A dependency's failures repeat per request while it is down: one
+    /// line a second per site and kind (state store, policy). Audit append
+    /// failures are not limited: each line records a decision with no row.
+    failure_log: LogLimiter,
 }
 
 /// Violations in stage order, without duplicates, plus what failed closed.
@@ -217,7 +219,7 @@ impl Pipeline {
             sms_limit,
             floor: Arc::new(ModeFloor::default()),
             callers: None,
-            state_log: LogLimiter::default(),
+            failure_log: LogLimiter::default(),
         }
     }
 
@@ -286,7 +288,7 @@ impl Pipeline {
     /// for it now (with how many were left out since the last one).
     fn state_failed(&self, site: &'static str, error: &StateError) -> Option<u64> {
         self.metrics.state_error(error.kind());
-        self.state_log.admit(site, error.kind())
+        self.failure_log.admit(site, error.kind())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -604,10 +606,13 @@ impl Pipeline {
             Err(error) => {
                 self.metrics.opa_error(error.kind());
                 if request.tool.is_write() {
-                    tracing::error!(%error, "policy unavailable: write fails closed");
+                    if let Some(suppressed) = self.failure_log.admit("policy_write", error.kind()) {
+                        tracing::error!(%error, suppressed, "policy unavailable: write fails closed");
+                    }
                     findings.fail_closed(Trigger::Opa, violation::OPA_UNAVAILABLE);
-                } else {
-                    tracing::warn!(%error, "policy unavailable: read proceeds rules-only");
+                } else if let Some(suppressed) = self.failure_log.admit("policy_read", error.kind())
+                {
+                    tracing::warn!(%error, suppressed, "policy unavailable: read proceeds rules-only");
                 }
             }
         }
@@ -777,6 +782,8 @@ impl Pipeline {
             },
             Err(error) => {
                 self.metrics.audit_failed(error.kind());
+                // Not rate-limited: with no row, this line (in the decision's
+                // span, so with its request_id) is the record of the gap.
                 tracing::error!(%error, "audit append failed");
                 if matches!(error, AuditError::NotRecorded(_)) && request.tool.is_write() {
                     // Strict: a write with no record anywhere is not allowed

@@ -113,6 +113,9 @@ struct Tally {
     deny: AtomicU64,
     /// Responses that were neither an allow nor a decision to deny.
     undecided: AtomicU64,
+    /// The slowest request of the whole run, warm-up included: when nothing
+    /// was recorded, it says whether the requests were slow or never sent.
+    slowest_us: AtomicU64,
 }
 
 struct Recorder {
@@ -163,8 +166,9 @@ impl Recorder {
                 self.note_problem(error);
             }
         }
+        let micros = intended.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+        tally.slowest_us.fetch_max(micros, Ordering::Relaxed);
         if intended >= self.record_after {
-            let micros = intended.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
             let mut histogram = self.latencies.lock().await;
             // Values beyond the histogram's range are clamped rather than lost.
             histogram.saturating_record(micros.max(1));
@@ -364,6 +368,7 @@ async fn main() -> Result<(), String> {
         "allow": count(&tally.allow),
         "deny": count(&tally.deny),
         "undecided": count(&tally.undecided),
+        "slowest_overall_ms": count(&tally.slowest_us) as f64 / 1000.0,
         "first_problem": first_problem,
         "verifier_peak_rss_mib": args.pid.and_then(verifier_proc::peak_rss_kib).map(|kib| (kib as f64 / 1024.0 * 10.0).round() / 10.0),
         // Includes requests sent in the window but recorded after it: a
