@@ -174,6 +174,13 @@ pub struct Spool {
     drained_to: u64,
     /// Records from `drained_to` to the end.
     depth: u64,
+    /// How many records at the head (from `drained_to`) may already be in
+    /// the chain: all of them at open (a drain may have committed them
+    /// before a crash recorded it), and those of a drain whose commit
+    /// failed or whose outcome is unknown. Records spooled behind them
+    /// without an append attempt (`always` mode) cannot be, so the drain
+    /// need not look them up.
+    may_be_in_chain: u64,
     max_bytes: u64,
     /// A compaction renamed the file but could not reopen it: appends are
     /// refused rather than written to the unlinked old file.
@@ -235,6 +242,7 @@ impl Spool {
             len: good,
             drained_to: 0,
             depth,
+            may_be_in_chain: depth,
             max_bytes,
             broken: false,
         })
@@ -247,6 +255,17 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records at the head that may already be in the chain (see the field).
+    pub fn may_be_in_chain(&self) -> u64 {
+        self.may_be_in_chain
+    }
+
+    /// The `count` records at the head went to an append that failed or
+    /// whose outcome is unknown: the next drain looks them up first.
+    pub fn suspect_head(&mut self, count: usize) {
+        self.may_be_in_chain = self.may_be_in_chain.max(count as u64).min(self.depth);
     }
 
     fn io(&self, source: std::io::Error) -> SpoolError {
@@ -327,12 +346,16 @@ impl Spool {
     pub fn drained(&mut self, end: u64, count: usize) -> Result<(), SpoolError> {
         self.drained_to = end;
         self.depth = self.depth.saturating_sub(count as u64);
+        self.may_be_in_chain = self.may_be_in_chain.saturating_sub(count as u64);
         if self.drained_to >= self.len {
+            // Not synced: a crash that undoes the truncation leaves records
+            // that are in the chain, which the next start drains again and
+            // skips by `event_id`; the next append's sync commits it anyway.
             self.file.set_len(0).map_err(|e| self.io(e))?;
-            self.file.sync_all().map_err(|e| self.io(e))?;
             self.len = 0;
             self.drained_to = 0;
             self.depth = 0;
+            self.may_be_in_chain = 0;
         } else if self.drained_to >= COMPACT_BYTES.min(self.max_bytes / 2) {
             self.compact()?;
         }
@@ -421,6 +444,30 @@ mod tests {
         spool.drained(end, 1).unwrap();
         assert_eq!(spool.depth(), 0);
         assert_eq!(std::fs::metadata(spool.path()).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn what_may_be_in_the_chain_is_the_head_left_at_open_or_marked_after_a_failed_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let written: Vec<NewEvent> = ["a", "b", "c"].map(event).into();
+        Spool::open(dir.path(), 1 << 20)
+            .unwrap()
+            .append(&written)
+            .unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.may_be_in_chain(), 3, "all left by an earlier run");
+        let (_, end) = spool.peek(2).unwrap();
+        spool.drained(end, 2).unwrap();
+        assert_eq!(spool.may_be_in_chain(), 1);
+        spool.append(&[event("d"), event("e")]).unwrap();
+        assert_eq!(spool.may_be_in_chain(), 1, "appended here, never tried");
+        spool.suspect_head(2);
+        assert_eq!(spool.may_be_in_chain(), 2);
+        spool.suspect_head(9);
+        assert_eq!(spool.may_be_in_chain(), 3, "at most the depth");
+        let (_, end) = spool.peek(10).unwrap();
+        spool.drained(end, 3).unwrap();
+        assert_eq!((spool.depth(), spool.may_be_in_chain()), (0, 0));
     }
 
     #[test]
