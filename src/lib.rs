@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod health;
 pub mod healthcheck;
 pub mod http;
+pub mod labels;
 pub mod log_limit;
 pub mod metrics;
 pub mod mode_floor;

@@ -14,7 +14,10 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::audit::AuditErrorKind;
 use crate::domain::Decision;
+use crate::policy::PolicyErrorKind;
+use crate::state::StateErrorKind;
 
 /// The Python client's default buckets up to 2.5 s, as the guide's dashboards use.
 pub const DURATION_BUCKETS: [f64; 11] = [
@@ -111,15 +114,6 @@ impl DoorRejection {
     }
 }
 
-pub const OPA_ERROR_KINDS: [&str; 4] = ["timeout", "unavailable", "bad_status", "bad_response"];
-pub const AUDIT_ERROR_KINDS: [&str; 5] = [
-    "unavailable",
-    "timeout",
-    "rejected",
-    "closed",
-    "not_recorded",
-];
-
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     decision: &'static str,
@@ -186,8 +180,24 @@ struct DisagreementLabels {
     candidate: &'static str,
 }
 
-/// Outcomes of `casf_policy_reload_total`.
-pub const POLICY_RELOAD_RESULTS: [&str; 2] = ["ok", "refused"];
+crate::labels::label_enum!(
+    /// The `result` of a reload counter (policy, callers, door TLS): applied,
+    /// or refused with the old one still in force.
+    pub enum ReloadResult {
+        Ok => "ok",
+        Refused => "refused",
+    }
+);
+
+impl ReloadResult {
+    pub fn of(applied: bool) -> Self {
+        if applied {
+            ReloadResult::Ok
+        } else {
+            ReloadResult::Refused
+        }
+    }
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -569,8 +579,12 @@ impl Metrics {
                 })
                 .inc_by(0);
         }
-        for kind in OPA_ERROR_KINDS {
-            m.opa_errors.get_or_create(&KindLabels { kind }).inc_by(0);
+        for kind in PolicyErrorKind::ALL {
+            m.opa_errors
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
+                .inc_by(0);
         }
         registry.register(
             "casf_state_error",
@@ -578,12 +592,18 @@ impl Metrics {
              `down` ones were not tried because the store was known to be disconnected",
             m.state_errors.clone(),
         );
-        for kind in crate::state::StateError::KINDS {
-            m.state_errors.get_or_create(&KindLabels { kind }).inc_by(0);
+        for kind in StateErrorKind::ALL {
+            m.state_errors
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
+                .inc_by(0);
         }
-        for kind in AUDIT_ERROR_KINDS {
+        for kind in AuditErrorKind::ALL {
             m.audit_failures
-                .get_or_create(&KindLabels { kind })
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
                 .inc_by(0);
         }
         let reasons = DoorRejection::EXT_AUTHZ
@@ -641,9 +661,11 @@ impl Metrics {
             "Changes of the CASF_CALLERS file, applied (ok) or refused (the callers in force stay)",
             m.callers_reloads.clone(),
         );
-        for result in ["ok", "refused"] {
+        for result in ReloadResult::ALL {
             m.callers_reloads
-                .get_or_create(&ResultLabels { result })
+                .get_or_create(&ResultLabels {
+                    result: result.as_str(),
+                })
                 .inc_by(0);
         }
         m.register_policy(&mut registry);
@@ -659,9 +681,11 @@ impl Metrics {
              (did not load; the previous certificate stays)",
             m.tls_reloads.clone(),
         );
-        for result in ["ok", "refused"] {
+        for result in ReloadResult::ALL {
             m.tls_reloads
-                .get_or_create(&ResultLabels { result })
+                .get_or_create(&ResultLabels {
+                    result: result.as_str(),
+                })
                 .inc_by(0);
         }
         registry.register(
@@ -733,8 +757,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn opa_error(&self, kind: &'static str) {
-        self.opa_errors.get_or_create(&KindLabels { kind }).inc();
+    pub fn opa_error(&self, kind: PolicyErrorKind) {
+        self.opa_errors
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 
     pub fn replay_hit(&self) {
@@ -762,9 +790,11 @@ impl Metrics {
         self.sms_limited.inc();
     }
 
-    pub fn audit_failed(&self, kind: &'static str) {
+    pub fn audit_failed(&self, kind: AuditErrorKind) {
         self.audit_failures
-            .get_or_create(&KindLabels { kind })
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
             .inc();
     }
 
@@ -773,8 +803,12 @@ impl Metrics {
         self.spool.clone()
     }
 
-    pub fn state_error(&self, kind: &'static str) {
-        self.state_errors.get_or_create(&KindLabels { kind }).inc();
+    pub fn state_error(&self, kind: StateErrorKind) {
+        self.state_errors
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 
     pub fn door_rejected(&self, door: Door, reason: DoorRejection) {
@@ -803,9 +837,10 @@ impl Metrics {
 
     /// One change of the callers file, applied or refused.
     pub fn callers_reloaded(&self, applied: bool) {
-        let result = if applied { "ok" } else { "refused" };
         self.callers_reloads
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: ReloadResult::of(applied).as_str(),
+            })
             .inc();
     }
 
@@ -816,8 +851,12 @@ impl Metrics {
             "Policy and route map reloads, by result (ok, or refused: the old policy kept serving)",
             p.reloads.clone(),
         );
-        for result in POLICY_RELOAD_RESULTS {
-            p.reloads.get_or_create(&ResultLabels { result }).inc_by(0);
+        for result in ReloadResult::ALL {
+            p.reloads
+                .get_or_create(&ResultLabels {
+                    result: result.as_str(),
+                })
+                .inc_by(0);
         }
         registry.register(
             "casf_policy_info",
@@ -852,10 +891,11 @@ impl Metrics {
 
     /// One reload attempt that swapped a new policy in (`ok`) or was refused.
     pub fn policy_reloaded(&self, ok: bool) {
-        let result = if ok { "ok" } else { "refused" };
         self.policy
             .reloads
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: ReloadResult::of(ok).as_str(),
+            })
             .inc();
     }
 
@@ -867,9 +907,10 @@ impl Metrics {
     }
 
     pub fn tls_reloaded(&self, ok: bool) {
-        let result = if ok { "ok" } else { "refused" };
         self.tls_reloads
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: ReloadResult::of(ok).as_str(),
+            })
             .inc();
     }
 

@@ -288,7 +288,7 @@ impl Pipeline {
     /// for it now (with how many were left out since the last one).
     fn state_failed(&self, site: &'static str, error: &StateError) -> Option<u64> {
         self.metrics.state_error(error.kind());
-        self.failure_log.admit(site, error.kind())
+        self.failure_log.admit(site, error.kind().as_str())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -606,11 +606,15 @@ impl Pipeline {
             Err(error) => {
                 self.metrics.opa_error(error.kind());
                 if request.tool.is_write() {
-                    if let Some(suppressed) = self.failure_log.admit("policy_write", error.kind()) {
+                    if let Some(suppressed) = self
+                        .failure_log
+                        .admit("policy_write", error.kind().as_str())
+                    {
                         tracing::error!(%error, suppressed, "policy unavailable: write fails closed");
                     }
                     findings.fail_closed(Trigger::Opa, violation::OPA_UNAVAILABLE);
-                } else if let Some(suppressed) = self.failure_log.admit("policy_read", error.kind())
+                } else if let Some(suppressed) =
+                    self.failure_log.admit("policy_read", error.kind().as_str())
                 {
                     tracing::warn!(%error, suppressed, "policy unavailable: read proceeds rules-only");
                 }

@@ -91,15 +91,25 @@ pub enum AuditError {
     NotRecorded(String),
 }
 
+crate::labels::label_enum!(
+    /// The `kind` label of `casf_audit_append_failed_total`, and of logs.
+    pub enum AuditErrorKind {
+        Unavailable => "unavailable",
+        Timeout => "timeout",
+        Rejected => "rejected",
+        Closed => "closed",
+        NotRecorded => "not_recorded",
+    }
+);
+
 impl AuditError {
-    /// Bounded label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> AuditErrorKind {
         match self {
-            AuditError::Unavailable(_) => "unavailable",
-            AuditError::Timeout => "timeout",
-            AuditError::Rejected(_) => "rejected",
-            AuditError::Closed => "closed",
-            AuditError::NotRecorded(_) => "not_recorded",
+            AuditError::Unavailable(_) => AuditErrorKind::Unavailable,
+            AuditError::Timeout => AuditErrorKind::Timeout,
+            AuditError::Rejected(_) => AuditErrorKind::Rejected,
+            AuditError::Closed => AuditErrorKind::Closed,
+            AuditError::NotRecorded(_) => AuditErrorKind::NotRecorded,
         }
     }
 }

@@ -648,7 +648,7 @@ async fn checked_batch(
         Err(error) => Err(error),
     };
     if let Err(error) = &result {
-        tracing::error!(backend = log.backend(), kind = error.kind(), %error, events = events.len(), "audit batch failed");
+        tracing::error!(backend = log.backend(), kind = error.kind().as_str(), %error, events = events.len(), "audit batch failed");
     }
     result
 }

@@ -6,9 +6,9 @@
 
 use serde_json::{Value, json};
 
-use super::PolicyVerdict;
 use super::compiled::CompiledDecision;
 use super::embedded::EmbeddedPolicy;
+use super::{PolicyErrorKind, PolicyVerdict};
 use crate::domain::{Mode, Role, Tool};
 
 const REFERENCE: &str = include_str!("../../policies/casf.rego");
@@ -349,7 +349,7 @@ fn policies_outside_the_subset_are_interpreted_so_conflicts_stay_errors() {
         // ...so the policy is interpreted, and the interpreter's error stands.
         assert_eq!(policy.evaluator(), "interpreter", "{what}");
         let err = policy.evaluate_sync(&input).expect_err(what);
-        assert_eq!(err.kind(), "bad_response", "{what}: {err}");
+        assert_eq!(err.kind(), PolicyErrorKind::BadResponse, "{what}: {err}");
     }
 }
 

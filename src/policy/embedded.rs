@@ -629,7 +629,11 @@ mod tests {
             let policy = EmbeddedPolicy::from_sources(&[("p.rego".to_string(), rego.to_string())])
                 .expect("loads");
             let err = policy.evaluate_sync(&json!({})).expect_err(what);
-            assert_eq!(err.kind(), "bad_response", "{what}: {err}");
+            assert_eq!(
+                err.kind(),
+                crate::policy::PolicyErrorKind::BadResponse,
+                "{what}: {err}"
+            );
         }
     }
 

@@ -39,14 +39,23 @@ pub enum PolicyError {
     BadResponse(String),
 }
 
+crate::labels::label_enum!(
+    /// The `kind` label of `casf_opa_error_total`.
+    pub enum PolicyErrorKind {
+        Timeout => "timeout",
+        Unavailable => "unavailable",
+        BadStatus => "bad_status",
+        BadResponse => "bad_response",
+    }
+);
+
 impl PolicyError {
-    /// The bounded `kind` label of `casf_opa_error_total`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> PolicyErrorKind {
         match self {
-            PolicyError::Timeout => "timeout",
-            PolicyError::Unavailable(_) => "unavailable",
-            PolicyError::BadStatus(_) => "bad_status",
-            PolicyError::BadResponse(_) => "bad_response",
+            PolicyError::Timeout => PolicyErrorKind::Timeout,
+            PolicyError::Unavailable(_) => PolicyErrorKind::Unavailable,
+            PolicyError::BadStatus(_) => PolicyErrorKind::BadStatus,
+            PolicyError::BadResponse(_) => PolicyErrorKind::BadResponse,
         }
     }
 }

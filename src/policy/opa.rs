@@ -214,7 +214,11 @@ mod tests {
     async fn answer_without_result_is_bad_response() {
         let opa = OpaPolicy::new(&stub("200 OK", "{}").await, &ClientTls::default()).unwrap();
         let error = opa.evaluate(&json!({"tool": "x"})).await.unwrap_err();
-        assert_eq!(error.kind(), "bad_response", "{error}");
+        assert_eq!(
+            error.kind(),
+            crate::policy::PolicyErrorKind::BadResponse,
+            "{error}"
+        );
     }
 
     #[tokio::test]
@@ -253,7 +257,11 @@ mod tests {
         )
         .unwrap();
         let error = opa.evaluate(&json!({})).await.unwrap_err();
-        assert_eq!(error.kind(), "unavailable", "{error}");
+        assert_eq!(
+            error.kind(),
+            crate::policy::PolicyErrorKind::Unavailable,
+            "{error}"
+        );
         let text = error.to_string();
         assert!(
             !text.contains("S3cretPw") && !text.contains("127.0.0.1"),

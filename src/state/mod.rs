@@ -51,20 +51,28 @@ pub enum StateError {
     Full { max_keys: usize },
 }
 
+crate::labels::label_enum!(
+    /// The `kind` label of `casf_state_error_total`, and of its
+    /// rate-limited log lines.
+    pub enum StateErrorKind {
+        Timeout => "timeout",
+        Unavailable => "unavailable",
+        Down => "down",
+        BadResponse => "bad_response",
+        Full => "full",
+    }
+);
+
 impl StateError {
-    /// Bounded label for metrics and rate-limited logs.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> StateErrorKind {
         match self {
-            StateError::Timeout => "timeout",
-            StateError::Unavailable(_) => "unavailable",
-            StateError::Down => "down",
-            StateError::BadResponse(_) => "bad_response",
-            StateError::Full { .. } => "full",
+            StateError::Timeout => StateErrorKind::Timeout,
+            StateError::Unavailable(_) => StateErrorKind::Unavailable,
+            StateError::Down => StateErrorKind::Down,
+            StateError::BadResponse(_) => StateErrorKind::BadResponse,
+            StateError::Full { .. } => StateErrorKind::Full,
         }
     }
-
-    /// Every kind, for pre-created metric labels.
-    pub const KINDS: [&'static str; 5] = ["timeout", "unavailable", "down", "bad_response", "full"];
 }
 
 /// Idempotency by `request_id` (guide §7).
