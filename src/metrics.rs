@@ -189,6 +189,15 @@ crate::labels::label_enum!(
     }
 );
 
+crate::labels::label_enum!(
+    /// The `result` of `casf_audit_checkpoint_total`: a periodic checkpoint
+    /// of `serve` written, or not (chain head unreadable, file unwritable).
+    pub enum CheckpointResult {
+        Written => "written",
+        Failed => "failed",
+    }
+);
+
 impl ReloadResult {
     pub fn of(applied: bool) -> Self {
         if applied {
@@ -412,6 +421,8 @@ pub struct Metrics {
     callers_unauthenticated: Gauge,
     callers_reloads: Family<ResultLabels, Counter>,
     policy: PolicyMetrics,
+    checkpoints: Family<ResultLabels, Counter>,
+    checkpoint_last: Gauge,
 }
 
 /// Policy reloads, the live policy, shadow decisions and the candidate.
@@ -468,6 +479,8 @@ impl Metrics {
             callers_unauthenticated: Gauge::default(),
             callers_reloads: Family::default(),
             policy: PolicyMetrics::default(),
+            checkpoints: Family::default(),
+            checkpoint_last: Gauge::default(),
             tls_cert_expiry: Family::default(),
             tls_reloads: Family::default(),
             tls_handshake_failures: Family::default(),
@@ -549,6 +562,23 @@ impl Metrics {
             "casf_audit_lost",
             "Audit events neither appended nor spooled (spool full or unwritable, or refused on drain)",
             m.spool.lost.clone(),
+        );
+        registry.register(
+            "casf_audit_checkpoint",
+            "Signed checkpoints serve wrote (CASF_AUDIT_CHECKPOINT_EVERY), by result",
+            m.checkpoints.clone(),
+        );
+        for result in CheckpointResult::ALL {
+            m.checkpoints
+                .get_or_create(&ResultLabels {
+                    result: result.as_str(),
+                })
+                .inc_by(0);
+        }
+        registry.register(
+            "casf_audit_checkpoint_last_timestamp_seconds",
+            "When serve last wrote a signed checkpoint, Unix seconds (0: none yet)",
+            m.checkpoint_last.clone(),
         );
         registry.register(
             "casf_door_rejected",
@@ -833,6 +863,18 @@ impl Metrics {
     /// Whether callers are authenticated (`CASF_CALLERS` set).
     pub fn callers_authenticated(&self, authenticated: bool) {
         self.callers_unauthenticated.set(i64::from(!authenticated));
+    }
+
+    /// One periodic checkpoint written (at `unix_seconds`) or not.
+    pub fn checkpoint(&self, result: CheckpointResult, unix_seconds: i64) {
+        self.checkpoints
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
+            .inc();
+        if result == CheckpointResult::Written {
+            self.checkpoint_last.set(unix_seconds);
+        }
     }
 
     /// One change of the callers file, applied or refused.

@@ -581,7 +581,7 @@ impl Application {
             ));
         }
         if let Some(schedule) = checkpoints {
-            tokio::spawn(schedule.run(stopped(draining.clone())));
+            tokio::spawn(schedule.run(state.pipeline.metrics().clone(), stopped(draining.clone())));
         }
         if let Some(callers) = callers {
             tokio::spawn(

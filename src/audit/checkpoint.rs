@@ -25,6 +25,7 @@ use super::chain::{ChainVerifier, format_ts};
 use super::scan::ChainSource;
 use super::signing::{AuditPublicKey, AuditSigningKey};
 use crate::canonical;
+use crate::metrics::{CheckpointResult, Metrics};
 
 /// The `type` of a checkpoint document.
 pub const KIND: &str = "casf-audit-checkpoint";
@@ -264,8 +265,9 @@ pub struct Schedule {
 
 impl Schedule {
     /// Writes a checkpoint every `every` until `stopped` resolves. A failed
-    /// one is logged and retried at the next tick: the server keeps serving.
-    pub async fn run(self, stopped: impl Future<Output = ()>) {
+    /// one is logged, counted and retried at the next tick: the server keeps
+    /// serving.
+    pub async fn run(self, metrics: Arc<Metrics>, stopped: impl Future<Output = ()>) {
         let mut ticks = tokio::time::interval(self.every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await; // The first tick is immediate; the first checkpoint is one period in.
@@ -273,17 +275,24 @@ impl Schedule {
         loop {
             tokio::select! {
                 () = &mut stopped => return,
-                _ = ticks.tick() => self.write_one().await,
+                _ = ticks.tick() => {
+                    let result = match self.write_one().await {
+                        Ok(()) => CheckpointResult::Written,
+                        Err(()) => CheckpointResult::Failed,
+                    };
+                    metrics.checkpoint(result, Utc::now().timestamp());
+                }
             }
         }
     }
 
-    async fn write_one(&self) {
+    /// Writes one checkpoint; `Err` once the failure is logged.
+    async fn write_one(&self) -> Result<(), ()> {
         let doc = match make(self.source.as_ref(), self.backend, &self.key).await {
             Ok(doc) => doc,
             Err(error) => {
                 tracing::warn!(%error, "audit checkpoint not written: cannot read the chain head");
-                return;
+                return Err(());
             }
         };
         let file = self.file.clone();
@@ -293,18 +302,27 @@ impl Schedule {
         })
         .await;
         match written {
-            Ok(Ok(())) => tracing::info!(
-                last_id = doc["last_id"].as_i64(),
-                count = doc["count"].as_u64(),
-                file = %self.file.display(),
-                "audit checkpoint written"
-            ),
-            Ok(Err(error)) => tracing::warn!(
-                %error,
-                file = %self.file.display(),
-                "audit checkpoint not written"
-            ),
-            Err(error) => tracing::warn!(%error, "audit checkpoint not written"),
+            Ok(Ok(())) => {
+                tracing::info!(
+                    last_id = doc["last_id"].as_i64(),
+                    count = doc["count"].as_u64(),
+                    file = %self.file.display(),
+                    "audit checkpoint written"
+                );
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    %error,
+                    file = %self.file.display(),
+                    "audit checkpoint not written"
+                );
+                Err(())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "audit checkpoint not written");
+                Err(())
+            }
         }
     }
 }

@@ -629,6 +629,41 @@ async fn signed_digests_and_checkpoints_verify_with_openssl_alone() {
     assert_eq!(out.status.code(), Some(2), "{}", printed(&out));
 }
 
+/// A checkpoint that cannot be written (here its file is a directory) is
+/// counted as failed; decisions go on.
+#[tokio::test]
+async fn serve_counts_checkpoints_it_cannot_write_and_keeps_deciding() {
+    let keys = keygen();
+    let private = keys.private.display().to_string();
+    let not_a_file = keys.checkpoints.with_extension("d");
+    std::fs::create_dir_all(&not_a_file).unwrap();
+    let not_a_file = not_a_file.display().to_string();
+    let app = spawn_app_with(&[
+        ("CASF_AUDIT_SIGNING_KEY", private.as_str()),
+        ("CASF_AUDIT_CHECKPOINT_EVERY", "1s"),
+        ("CASF_AUDIT_CHECKPOINT_FILE", not_a_file.as_str()),
+    ])
+    .await;
+    let failed = r#"casf_audit_checkpoint_total{result="failed"}"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.metric(failed).await < 1.0 {
+        assert!(Instant::now() < deadline, "no failed checkpoint counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.metric(r#"casf_audit_checkpoint_total{result="written"}"#)
+            .await,
+        0.0
+    );
+    assert_eq!(
+        app.metric("casf_audit_checkpoint_last_timestamp_seconds")
+            .await,
+        0.0
+    );
+    let decision = app.decide(&request("twilio.send_sms", "ALLOW")).await;
+    assert_eq!(decision["decision"], "ALLOW", "{decision}");
+}
+
 /// `serve` with CASF_AUDIT_CHECKPOINT_EVERY appends signed checkpoints that
 /// `audit verify --checkpoints` then holds the trail to.
 #[tokio::test]
@@ -657,6 +692,25 @@ async fn serve_writes_periodic_checkpoints() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Counted, and when: an operator alerts on a trail no longer anchored.
+    assert!(
+        app.metric(r#"casf_audit_checkpoint_total{result="written"}"#)
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        app.metric(r#"casf_audit_checkpoint_total{result="failed"}"#)
+            .await,
+        0.0
+    );
+    let last = app
+        .metric("casf_audit_checkpoint_last_timestamp_seconds")
+        .await;
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&last),
+        "last checkpoint at {last}, now {now}"
+    );
     app.shutdown().await;
     let out = app.audit_cli(&[
         "verify",
