@@ -12,6 +12,9 @@
 //! @size: 12                   (the request's size, when not the body's)
 //! @unauthenticated            (the peer may not assert identities)
 //! @raw                        (the body goes in raw_body, as bytes)
+//! @map                        (headers go in header_map, as Envoy sends them
+//!                              when configured to: repeated names kept)
+//! @rawvalues                  (with @map: values in raw_value, as bytes)
 //!                             (blank line)
 //! body bytes
 //! ```
@@ -20,7 +23,9 @@
 //! no tool call; a translated call is the one the route map names for that
 //! method and path, with the JWT's role, the mode header (or the map's
 //! default) and the request id header, each as sent; and it is a call the
-//! `/verify` door takes unchanged (both doors accept the same calls).
+//! `/verify` door takes unchanged (both doors accept the same calls). In a
+//! header_map, a name sent once reads back as its value, whichever field
+//! carries it.
 #![no_main]
 
 use std::collections::HashMap;
@@ -29,7 +34,7 @@ use std::sync::LazyLock;
 use casf_verifier::domain::VerifyRequest;
 use casf_verifier::ext_authz::routes::RouteMap;
 use casf_verifier::ext_authz::translate::{self, tool_call_from};
-use envoy_types::pb::envoy::config::core::v3::Metadata;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
@@ -49,6 +54,8 @@ struct Input {
     path: String,
     role_claim: Option<String>,
     authenticated: bool,
+    /// With `@map`: the header lines as sent, in order.
+    header_lines: Option<Vec<(String, String)>>,
 }
 
 fn input(data: &[u8]) -> Input {
@@ -61,14 +68,19 @@ fn input(data: &[u8]) -> Input {
     let first = lines.next().unwrap_or_default();
     let (method, path) = first.split_once(' ').unwrap_or((first, ""));
     let mut headers = HashMap::new();
+    let mut header_lines = Vec::new();
     let mut claims = Struct::default();
     let mut size = None;
     let mut authenticated = true;
     let mut raw = false;
+    let mut map = false;
+    let mut raw_values = false;
     for line in lines {
         match line {
             "@unauthenticated" => authenticated = false,
             "@raw" => raw = true,
+            "@map" => map = true,
+            "@rawvalues" => raw_values = true,
             _ => {
                 let (name, value) = line.split_once(": ").unwrap_or((line, ""));
                 let kind = if let Some(claim) = name.strip_prefix("@claim ") {
@@ -80,6 +92,7 @@ fn input(data: &[u8]) -> Input {
                     None
                 } else {
                     headers.insert(name.to_owned(), value.to_owned());
+                    header_lines.push((name.to_owned(), value.to_owned()));
                     None
                 };
                 if let Some((claim, kind)) = kind {
@@ -118,6 +131,19 @@ fn input(data: &[u8]) -> Input {
         (false, Ok(text)) => (text.to_owned(), Vec::new()),
         _ => (String::new(), body.to_vec()),
     };
+    let header_map = map.then(|| HeaderMap {
+        headers: header_lines
+            .iter()
+            .map(|(key, value)| HeaderValue {
+                key: key.clone(),
+                value: if raw_values { String::new() } else { value.clone() },
+                raw_value: if raw_values { value.clone().into_bytes() } else { Vec::new() },
+            })
+            .collect(),
+    });
+    if map {
+        headers.clear();
+    }
     let check = CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(Request {
@@ -125,6 +151,7 @@ fn input(data: &[u8]) -> Input {
                     method: method.to_owned(),
                     path: path.to_owned(),
                     headers,
+                    header_map,
                     size: size.unwrap_or(body.len().max(raw_body.len()) as i64),
                     body,
                     raw_body,
@@ -142,7 +169,18 @@ fn input(data: &[u8]) -> Input {
         path: path.to_owned(),
         role_claim,
         authenticated,
+        header_lines: map.then_some(header_lines),
     }
+}
+
+/// The HTTP attributes [`input`] always builds.
+fn http_of(check: &CheckRequest) -> &HttpRequest {
+    check
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .expect("the input has HTTP attributes")
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -152,7 +190,21 @@ fuzz_target!(|data: &[u8]| {
         path,
         role_claim,
         authenticated,
+        header_lines,
     } = input(data);
+    if let Some(lines) = &header_lines {
+        let read = translate::headers(http_of(&check));
+        for (name, value) in lines {
+            let lower = name.to_ascii_lowercase();
+            let sent = lines
+                .iter()
+                .filter(|(other, _)| other.eq_ignore_ascii_case(name))
+                .count();
+            if sent == 1 {
+                assert_eq!(read.get(&lower), Some(value), "header {name} sent once");
+            }
+        }
+    }
     let _ = translate::jwt_subject(&ROUTES, &check);
     let Ok(request) = tool_call_from(&ROUTES, &check, authenticated) else {
         return;
@@ -185,13 +237,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Identity and mode as sent: the verified claim first, else (only if the
     // map trusts identity headers) the role header.
-    let http = check
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-        .expect("a translated Check has HTTP attributes");
-    let headers = translate::headers(http);
+    let headers = translate::headers(http_of(&check));
     let trusted = &ROUTES.identity.headers;
     let role = role_claim.or_else(|| {
         trusted
