@@ -449,6 +449,17 @@ pub struct SpoolMetrics {
     pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
+/// Pre-creates one series per label set at zero, so that `rate()` and
+/// alerts see a zero before the first event.
+fn zeros<L>(family: &Family<L, Counter>, labels: impl IntoIterator<Item = L>)
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    for label in labels {
+        family.get_or_create(&label).inc_by(0);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -568,13 +579,12 @@ impl Metrics {
             "Signed checkpoints serve wrote (CASF_AUDIT_CHECKPOINT_EVERY), by result",
             m.checkpoints.clone(),
         );
-        for result in CheckpointResult::ALL {
-            m.checkpoints
-                .get_or_create(&ResultLabels {
-                    result: result.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &m.checkpoints,
+            CheckpointResult::ALL.iter().map(|result| ResultLabels {
+                result: result.as_str(),
+            }),
+        );
         registry.register(
             "casf_audit_checkpoint_last_timestamp_seconds",
             "When serve last wrote a signed checkpoint, Unix seconds (0: none yet)",
@@ -593,61 +603,55 @@ impl Metrics {
                     decision: decision.as_str(),
                 })
                 .inc_by(0);
-            for door in Door::ALL {
-                m.door_decisions
-                    .get_or_create(&DoorLabels {
-                        door: door.as_str(),
-                        decision: decision.as_str(),
-                    })
-                    .inc_by(0);
-            }
+            zeros(
+                &m.door_decisions,
+                Door::ALL.into_iter().map(|door| DoorLabels {
+                    door: door.as_str(),
+                    decision: decision.as_str(),
+                }),
+            );
         }
-        for trigger in Trigger::ALL {
-            m.fail_closed
-                .get_or_create(&TriggerLabels {
-                    trigger: trigger.as_str(),
-                })
-                .inc_by(0);
-        }
-        for kind in PolicyErrorKind::ALL {
-            m.opa_errors
-                .get_or_create(&KindLabels {
-                    kind: kind.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &m.fail_closed,
+            Trigger::ALL.into_iter().map(|trigger| TriggerLabels {
+                trigger: trigger.as_str(),
+            }),
+        );
+        zeros(
+            &m.opa_errors,
+            PolicyErrorKind::ALL.iter().map(|kind| KindLabels {
+                kind: kind.as_str(),
+            }),
+        );
         registry.register(
             "casf_state_error",
             "State store (anti-replay, SMS limit) operations that failed, by kind; \
              `down` ones were not tried because the store was known to be disconnected",
             m.state_errors.clone(),
         );
-        for kind in StateErrorKind::ALL {
-            m.state_errors
-                .get_or_create(&KindLabels {
-                    kind: kind.as_str(),
-                })
-                .inc_by(0);
-        }
-        for kind in AuditErrorKind::ALL {
-            m.audit_failures
-                .get_or_create(&KindLabels {
-                    kind: kind.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &m.state_errors,
+            StateErrorKind::ALL.iter().map(|kind| KindLabels {
+                kind: kind.as_str(),
+            }),
+        );
+        zeros(
+            &m.audit_failures,
+            AuditErrorKind::ALL.iter().map(|kind| KindLabels {
+                kind: kind.as_str(),
+            }),
+        );
         let reasons = DoorRejection::EXT_AUTHZ
             .map(|reason| (Door::ExtAuthz, reason))
             .into_iter()
             .chain(DoorRejection::HTTP.map(|reason| (Door::Http, reason)));
-        for (door, reason) in reasons {
-            m.door_rejections
-                .get_or_create(&RejectionLabels {
-                    door: door.as_str(),
-                    reason: reason.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &m.door_rejections,
+            reasons.map(|(door, reason)| RejectionLabels {
+                door: door.as_str(),
+                reason: reason.as_str(),
+            }),
+        );
         registry.register(
             "casf_build_info",
             "The running build: crate version and git commit (always 1)",
@@ -671,14 +675,15 @@ impl Metrics {
             m.caller_rejections.clone(),
         );
         for door in Door::ALL {
-            for reason in crate::callers::Unauthenticated::ALL {
-                m.caller_rejections
-                    .get_or_create(&RejectionLabels {
+            zeros(
+                &m.caller_rejections,
+                crate::callers::Unauthenticated::ALL
+                    .into_iter()
+                    .map(|reason| RejectionLabels {
                         door: door.as_str(),
                         reason: reason.as_str(),
-                    })
-                    .inc_by(0);
-            }
+                    }),
+            );
         }
         registry.register(
             "casf_callers_unauthenticated",
@@ -691,13 +696,12 @@ impl Metrics {
             "Changes of the CASF_CALLERS file, applied (ok) or refused (the callers in force stay)",
             m.callers_reloads.clone(),
         );
-        for result in ReloadResult::ALL {
-            m.callers_reloads
-                .get_or_create(&ResultLabels {
-                    result: result.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &m.callers_reloads,
+            ReloadResult::ALL.iter().map(|result| ResultLabels {
+                result: result.as_str(),
+            }),
+        );
         m.register_policy(&mut registry);
         registry.register(
             "casf_tls_cert_expiry_timestamp_seconds",
@@ -711,26 +715,26 @@ impl Metrics {
              (did not load; the previous certificate stays)",
             m.tls_reloads.clone(),
         );
-        for result in ReloadResult::ALL {
-            m.tls_reloads
-                .get_or_create(&ResultLabels {
-                    result: result.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &m.tls_reloads,
+            ReloadResult::ALL.iter().map(|result| ResultLabels {
+                result: result.as_str(),
+            }),
+        );
         registry.register(
             "casf_tls_handshake_failed",
             "TLS handshakes on a door that failed or timed out (a client without an \
              accepted certificate, a plaintext client, a stalled handshake)",
             m.tls_handshake_failures.clone(),
         );
-        for door in crate::door_tls::TlsDoor::ALL {
-            m.tls_handshake_failures
-                .get_or_create(&TlsDoorLabels {
+        zeros(
+            &m.tls_handshake_failures,
+            crate::door_tls::TlsDoor::ALL
+                .into_iter()
+                .map(|door| TlsDoorLabels {
                     door: door.as_str(),
-                })
-                .inc_by(0);
-        }
+                }),
+        );
         registry.register(
             "casf_grpc_insecure_peers",
             "1 when CASF_GRPC_INSECURE_PEERS=true lets unauthenticated peers on a \
@@ -893,13 +897,12 @@ impl Metrics {
             "Policy and route map reloads, by result (ok, or refused: the old policy kept serving)",
             p.reloads.clone(),
         );
-        for result in ReloadResult::ALL {
-            p.reloads
-                .get_or_create(&ResultLabels {
-                    result: result.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &p.reloads,
+            ReloadResult::ALL.iter().map(|result| ResultLabels {
+                result: result.as_str(),
+            }),
+        );
         registry.register(
             "casf_policy_info",
             "The live policy set: SHA-256 of its Rego files and route map (always 1, one series)",
@@ -920,13 +923,12 @@ impl Metrics {
             "Decisions where the candidate policy (CASF_POLICY_CANDIDATE_DIR) disagreed with the live one",
             p.disagreements.clone(),
         );
-        for decision in Decision::ALL {
-            p.shadow_decisions
-                .get_or_create(&DecisionLabels {
-                    decision: decision.as_str(),
-                })
-                .inc_by(0);
-        }
+        zeros(
+            &p.shadow_decisions,
+            Decision::ALL.into_iter().map(|decision| DecisionLabels {
+                decision: decision.as_str(),
+            }),
+        );
         self.shadow_global(false);
         self.shadow_routes(0);
     }
