@@ -34,7 +34,7 @@ use crate::log_limit::LogLimiter;
 use crate::metrics::{Door, Metrics, Trigger};
 use crate::mode_floor::{ModeFloor, stricter};
 use crate::policy::live::{LivePolicy, PolicySet};
-use crate::policy::{PolicyEngine, PolicyVerdict};
+use crate::policy::{PolicyEngine, PolicyError, PolicyVerdict};
 use crate::state::{Claim, RateLimiter, ReplayGuard, StateError};
 
 /// Audit `action` of events that answer a reused `request_id`.
@@ -288,6 +288,12 @@ impl Pipeline {
     /// for it now (with how many were left out since the last one).
     fn state_failed(&self, site: &'static str, error: &StateError) -> Option<u64> {
         self.metrics.state_error(error.kind());
+        self.failure_log.admit(site, error.kind().as_str())
+    }
+
+    /// [`Self::state_failed`] for the policy engine.
+    fn policy_failed(&self, site: &'static str, error: &PolicyError) -> Option<u64> {
+        self.metrics.opa_error(error.kind());
         self.failure_log.admit(site, error.kind().as_str())
     }
 
@@ -603,19 +609,14 @@ impl Pipeline {
                 findings.push(violation::OPA_DENY)
             }
             Ok(verdict) => verdict.violations.iter().for_each(|v| findings.push(v)),
+            Err(error) if request.tool.is_write() => {
+                if let Some(suppressed) = self.policy_failed("policy_write", &error) {
+                    tracing::error!(%error, suppressed, "policy unavailable: write fails closed");
+                }
+                findings.fail_closed(Trigger::Opa, violation::OPA_UNAVAILABLE);
+            }
             Err(error) => {
-                self.metrics.opa_error(error.kind());
-                if request.tool.is_write() {
-                    if let Some(suppressed) = self
-                        .failure_log
-                        .admit("policy_write", error.kind().as_str())
-                    {
-                        tracing::error!(%error, suppressed, "policy unavailable: write fails closed");
-                    }
-                    findings.fail_closed(Trigger::Opa, violation::OPA_UNAVAILABLE);
-                } else if let Some(suppressed) =
-                    self.failure_log.admit("policy_read", error.kind().as_str())
-                {
+                if let Some(suppressed) = self.policy_failed("policy_read", &error) {
                     tracing::warn!(%error, suppressed, "policy unavailable: read proceeds rules-only");
                 }
             }
