@@ -891,18 +891,7 @@ mod tests {
     #[tokio::test]
     async fn always_mode_looks_up_only_events_that_may_already_be_in_the_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (event("a"), event("b"));
-        Spool::open(dir.path(), 1 << 20)
-            .unwrap()
-            .append(&[a.clone(), b.clone()])
-            .unwrap();
-        // Left by an earlier run, whose drain committed `a` but crashed
-        // before it recorded that.
-        let log = Arc::new(PickyLog::default());
-        log.event_ids.lock().unwrap().insert(a.event_id.clone());
-        let (setup, metrics) = always(dir.path(), 1 << 20, false);
-        let (writer, task) = AuditWriter::spawn_with_spool(log.clone(), Some(setup)).unwrap();
-        until_drained(&metrics).await;
+        let (log, writer, task, metrics) = drained_left_behind(dir.path(), SpoolMode::Always).await;
         assert_eq!(*log.stored.lock().unwrap(), ["b"]);
         let looked_up = log.lookups.load(SeqCst);
         assert!(looked_up >= 1, "events left behind are looked up");
@@ -973,6 +962,27 @@ mod tests {
         }
     }
 
+    /// A writer in `mode` on a spool an earlier run left holding `a` and
+    /// `b`, of which `a` reached the chain (its commit acknowledged too late
+    /// to be recorded), once it has drained that spool.
+    async fn drained_left_behind(
+        dir: &std::path::Path,
+        mode: SpoolMode,
+    ) -> (Arc<PickyLog>, AuditWriter, JoinHandle<()>, SpoolMetrics) {
+        let (a, b) = (event("a"), event("b"));
+        Spool::open(dir, 1 << 20)
+            .unwrap()
+            .append(&[a.clone(), b])
+            .unwrap();
+        let log = Arc::new(PickyLog::default());
+        log.event_ids.lock().unwrap().insert(a.event_id.clone());
+        let (mut setup, metrics) = spooled(dir, 1 << 20, false);
+        setup.mode = mode;
+        let (writer, task) = AuditWriter::spawn_with_spool(log.clone(), Some(setup)).unwrap();
+        until_drained(&metrics).await;
+        (log, writer, task, metrics)
+    }
+
     async fn until_drained(metrics: &SpoolMetrics) {
         for _ in 0..100 {
             if metrics.depth.get() == 0 {
@@ -1011,17 +1021,7 @@ mod tests {
     #[tokio::test]
     async fn a_spool_left_behind_drains_at_start_without_duplicating_what_landed() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (event("a"), event("b"));
-        Spool::open(dir.path(), 1 << 20)
-            .unwrap()
-            .append(&[a.clone(), b.clone()])
-            .unwrap();
-        // `a` was committed, but its acknowledgement was lost.
-        let log = Arc::new(PickyLog::default());
-        log.event_ids.lock().unwrap().insert(a.event_id.clone());
-        let (setup, metrics) = spooled(dir.path(), 1 << 20, false);
-        let (writer, task) = AuditWriter::spawn_with_spool(log.clone(), Some(setup)).unwrap();
-        until_drained(&metrics).await;
+        let (log, writer, task, _) = drained_left_behind(dir.path(), SpoolMode::Outage).await;
         assert_eq!(*log.stored.lock().unwrap(), ["b"]);
         drop(writer);
         task.await.unwrap();
