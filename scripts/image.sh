@@ -136,7 +136,10 @@ cmd_build() {
   bud bud --quiet --isolation chroot --pull-never --format docker \
     --build-arg CASF_BUILD_COMMIT="$commit" \
     -f "$REPO/Dockerfile" -t "$IMAGE" "$REPO" >"$STATE/build.log" 2>&1 \
-    || { tail -n 40 "$STATE/build.log" >&2; die "buildah bud failed"; }
+    || { tail -n 40 "$STATE/build.log" >&2; df -h /var/lib/containers /var/tmp >&2; die "buildah bud failed"; }
+  # Each rebuild leaves the previous image untagged; drop those so that
+  # repeated runs do not fill the disk (the base image stays).
+  bud rmi --prune >/dev/null 2>&1 || true
   log "built $IMAGE in $((SECONDS - started)) s"
 }
 

@@ -9,6 +9,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Free disk first: a full run writes about 12 GB (target/, fuzz/target and
+# the image build's layers), and running out shows up later as an unrelated
+# step failing with "no space left on device".
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "test.sh: $((free_kib / 1024 / 1024)) GiB free on $(df -P . | awk 'NR == 2 { print $6 }')" >&2
+if ((free_kib < 12 * 1024 * 1024)); then
+  echo "test.sh: warning: less than 12 GiB free; the run may fail for lack of disk" >&2
+fi
+
 scripts/services.sh start
 # Captured first so a failing `env` stops the script (a failed command
 # substitution inside `eval "$(...)"` would be silently ignored).
