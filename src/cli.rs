@@ -57,6 +57,8 @@ enum Command {
     },
     /// Probe GET /health on CASF_HTTP_ADDR; exit 0 when healthy, 1 otherwise.
     /// For container HEALTHCHECKs and exec probes: the image has no curl.
+    /// With CASF_TLS_CERT set, over TLS, trusting exactly that certificate
+    /// (and presenting it when CASF_TLS_CLIENT_CA requires client certificates).
     Healthcheck {
         /// Ask gRPC health on CASF_GRPC_ADDR instead (SERVING when ready).
         #[arg(long)]
@@ -307,10 +309,14 @@ fn healthcheck(config: &ConfigArgs, grpc: bool) -> ExitCode {
             .enable_all()
             .build()
         {
-            Ok(runtime) if grpc => {
-                runtime.block_on(crate::healthcheck::probe_grpc(settings.grpc_addr))
-            }
-            Ok(runtime) => runtime.block_on(crate::healthcheck::probe(settings.http_addr)),
+            Ok(runtime) if grpc => runtime.block_on(crate::healthcheck::probe_grpc(
+                settings.grpc_addr,
+                settings.door_tls.as_ref(),
+            )),
+            Ok(runtime) => runtime.block_on(crate::healthcheck::probe(
+                settings.http_addr,
+                settings.door_tls.as_ref(),
+            )),
             Err(error) => Err(format!("cannot start the async runtime: {error}")),
         },
     };

@@ -140,7 +140,9 @@ async fn health_answers(http: SocketAddr) -> bool {
 
 /// A real `grpc.health.v1.Health/Check`, as `casf-verifier healthcheck --grpc` asks it.
 async fn grpc_health_answers(grpc: SocketAddr) -> bool {
-    casf_verifier::healthcheck::probe_grpc(grpc).await.is_ok()
+    casf_verifier::healthcheck::probe_grpc(grpc, None)
+        .await
+        .is_ok()
 }
 
 /// Polls `check` until it holds or `within` passes.

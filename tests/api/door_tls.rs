@@ -498,3 +498,97 @@ async fn over_mtls_the_client_certificate_or_an_api_key_is_the_caller() {
         "three decisions, each naming its caller; the 401s are not decisions"
     );
 }
+
+/// `casf-verifier healthcheck [--grpc]` as the image's HEALTHCHECK runs it:
+/// the binary, with the server's own TLS variables, against `app`.
+fn healthcheck(
+    app: &TestApp,
+    pki: &TestPki,
+    cert: &str,
+    key: &str,
+    grpc: bool,
+) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_casf-verifier"));
+    command.arg("healthcheck");
+    if grpc {
+        command.arg("--grpc");
+    }
+    command
+        .env_clear()
+        .env("CASF_HTTP_ADDR", app.base.trim_start_matches("http://"))
+        .env("CASF_GRPC_ADDR", app.grpc.trim_start_matches("http://"))
+        .env("CASF_TLS_CERT", pki.path(cert))
+        .env("CASF_TLS_KEY", pki.path(key))
+        .env("CASF_TLS_CLIENT_CA", pki.path("ca.pem"))
+        .output()
+        .expect("run casf-verifier healthcheck")
+}
+
+// Multi-threaded: the probe runs as a blocking child process while the
+// server it probes runs on this test's runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_probes_both_tls_doors_with_the_servers_own_certificate() {
+    let pki = pki();
+    // A server certificate the client CA also signs for client
+    // authentication, as SPIFFE SVIDs and cert-manager's defaults are.
+    pki.issue(
+        "dual",
+        "subjectAltName=DNS:casf-verifier.casf.svc\nextendedKeyUsage=serverAuth,clientAuth\n",
+        "ca",
+    );
+    let mut app = spawn(&door_tls_vars(
+        &pki,
+        &pki.shown("dual.pem"),
+        &pki.shown("dual.key"),
+    ))
+    .await;
+    // The certificate names the Service, not 127.0.0.1: pinning, not name
+    // checking, is what lets the probe in.
+    for grpc in [false, true] {
+        let out = healthcheck(&app, &pki, "dual.pem", "dual.key", grpc);
+        assert!(out.status.success(), "grpc={grpc}: {out:?}");
+    }
+
+    // Another certificate than the one served (an impostor on the port, or
+    // a rotation not yet served) is unhealthy, and says so.
+    for grpc in [false, true] {
+        let out = healthcheck(&app, &pki, "impostor.pem", "impostor.key", grpc);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "grpc={grpc}: {out:?}");
+        assert!(
+            stderr.contains("unhealthy")
+                && stderr.contains("not the one in CASF_TLS_CERT")
+                && !stderr.contains("must sign"),
+            "grpc={grpc}: {stderr}"
+        );
+    }
+    // Plaintext against the TLS door: unhealthy.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_casf-verifier"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("CASF_HTTP_ADDR", app.base.trim_start_matches("http://"))
+        .output()
+        .expect("run casf-verifier healthcheck");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    app.shutdown().await;
+
+    // A server certificate for server authentication only cannot be the
+    // probe's client certificate: the door refuses it, and the probe's
+    // error points at the cause.
+    let mut app = spawn(&door_tls_vars(
+        &pki,
+        &pki.shown("server.pem"),
+        &pki.shown("server.key"),
+    ))
+    .await;
+    for grpc in [false, true] {
+        let out = healthcheck(&app, &pki, "server.pem", "server.key", grpc);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "grpc={grpc}: {out:?}");
+        assert!(
+            stderr.contains("CASF_TLS_CLIENT_CA must sign"),
+            "grpc={grpc}: {stderr}"
+        );
+    }
+    app.shutdown().await;
+}
