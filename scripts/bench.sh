@@ -58,12 +58,13 @@ log() { echo "bench: $*" >&2; }
 
 # One build of everything, so that cargo's feature set does not change
 # between the binary and the examples (which would rebuild both).
-cargo build --release --quiet --bin casf-verifier --example loadgen --example auditbench --example auditgen --example upstream
+cargo build --release --quiet --bin casf-verifier --example loadgen --example auditbench --example auditgen --example upstream --example hiccup
 BIN=$REPO/target/release/casf-verifier
 LOADGEN=$REPO/target/release/examples/loadgen
 AUDITBENCH=$REPO/target/release/examples/auditbench
 AUDITGEN=$REPO/target/release/examples/auditgen
 UPSTREAM=$REPO/target/release/examples/upstream
+HICCUP=$REPO/target/release/examples/hiccup
 
 if [[ -n ${CASF_TEST_PG_DSN:-} ]]; then
   log "using the services already in the environment (CASF_TEST_*)"
@@ -251,6 +252,13 @@ interleave() {
   local rounds=$1 results=$2 saved=$RESULTS
   RESULTS=$results
   : >"$RESULTS"
+  # The machine's own floor, in the same run: how long each CPU stops
+  # running a ready thread while nothing of ours runs (examples/hiccup.rs).
+  local hiccup_seconds=10
+  ((SMOKE)) && hiccup_seconds=1
+  log "machine stalls: ${hiccup_seconds} s, one spinning thread per CPU, idle otherwise"
+  "$HICCUP" --seconds "$hiccup_seconds" --json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); r["row"]="hiccup"; print(json.dumps(r))' >>"$RESULTS"
   local profile
   for profile in embedded outage always; do
     local env=() checkpoint=0

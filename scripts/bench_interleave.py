@@ -92,6 +92,27 @@ for profile, label in PROFILES:
         f"{spread([p['p99_ms'] for p, _ in got])} | {spread([a['p99_ms'] for _, a in got])} | {allow:,} / {deny:,} | {v99} | {v999} |"
     )
 lines.append("")
+hiccups = [r for r in rows if r.get("row") == "hiccup"]
+if not hiccups:
+    problems.append("no machine-stall row (examples/hiccup)")
+for h in hiccups:
+    lines.append(
+        f"The machine's own floor, measured in this run before the rounds, with no verifier, Envoy or load running "
+        f"(`examples/hiccup.rs`, {h['seconds']:g} s: one thread pinned to each CPU spins on the clock; a *stall* is "
+        f"a gap of {h['threshold_ms']:g} ms or more in which that CPU did not run it, host preemption or "
+        f"guest kernel work). A request on a CPU when it stalls waits the whole stall:\n"
+    )
+    lines.append("| CPU | stalls | ≥ 2 ms | ≥ 5 ms | longest ms | time stalled | median time between stalls ≥ 4 ms |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for c in h["cpus"]:
+        between = c.get("median_ms_between_stalls_ge_4ms")
+        lines.append(
+            f"| {c['cpu']}{'' if c.get('pinned') else ' (not pinned)'} | {c['stalls']} | {c['stalls_ge_2ms']} | {c['stalls_ge_5ms']} | "
+            f"{c['max_ms']:.2f} | {c['stalled_percent']:.2f}% | {'–' if between is None else f'{between:,.0f} ms'} |"
+        )
+    if len(h["cpus"]) != os.cpu_count():
+        problems.append(f"hiccup measured {len(h['cpus'])} CPUs of {os.cpu_count()}")
+    lines.append("")
 lines.append("Per round (ms):\n")
 lines.append("| Profile | Round | plain p50 | plain p99 | plain p99.9 | ext_authz p50 | ext_authz p99 | ext_authz p99.9 | ext_authz max | added p50 | added p99 |")
 lines.append("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -100,6 +100,11 @@ struct Args {
     client_cert: Option<std::path::PathBuf>,
     #[arg(long, requires = "client_cert")]
     client_key: Option<std::path::PathBuf>,
+    /// Write every recorded request as a CSV line `start_ms,latency_ms`
+    /// (start counted from the end of the warm-up), to see when a tail
+    /// happened, e.g. against a checkpoint's time.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -127,6 +132,8 @@ struct Recorder {
     record_after: Instant,
     /// The first error or undecided response, to say what went wrong.
     first_problem: std::sync::Mutex<Option<String>>,
+    /// `--timeline`: (start after the warm-up, latency), in µs.
+    timeline: Option<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 impl Recorder {
@@ -172,6 +179,12 @@ impl Recorder {
             let mut histogram = self.latencies.lock().await;
             // Values beyond the histogram's range are clamped rather than lost.
             histogram.saturating_record(micros.max(1));
+            if let Some(timeline) = &self.timeline
+                && let Ok(mut timeline) = timeline.lock()
+            {
+                let start = intended.duration_since(self.record_after).as_micros() as u64;
+                timeline.push((start, micros));
+            }
         }
     }
 }
@@ -259,6 +272,10 @@ async fn main() -> Result<(), String> {
         ),
         record_after: started + Duration::from_secs_f64(args.warmup),
         first_problem: std::sync::Mutex::new(None),
+        timeline: args
+            .timeline
+            .as_ref()
+            .map(|_| std::sync::Mutex::new(Vec::new())),
     });
     let deadline = started + Duration::from_secs_f64(args.warmup + args.duration);
     // The verifier's CPU time when recording starts, after the warmup.
@@ -327,6 +344,17 @@ async fn main() -> Result<(), String> {
     }
 
     let elapsed = started.elapsed().as_secs_f64() - args.warmup;
+    // The timeline's zero on CLOCK_MONOTONIC (what `Instant` and
+    // `perf record -k CLOCK_MONOTONIC` count), to line a tail up with a profile.
+    let timeline_origin_monotonic_s = args.timeline.as_ref().map(|_| {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given, nothing else.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        now.tv_sec as f64 + now.tv_nsec as f64 / 1e9 - recorder.record_after.elapsed().as_secs_f64()
+    });
     let cpu_spent = match (args.pid, cpu_at_start) {
         (Some(pid), Some(at_start)) => {
             let at_start = at_start.await.map_err(|e| e.to_string())?;
@@ -370,11 +398,24 @@ async fn main() -> Result<(), String> {
         "undecided": count(&tally.undecided),
         "slowest_overall_ms": count(&tally.slowest_us) as f64 / 1000.0,
         "first_problem": first_problem,
+        "timeline_origin_monotonic_s": timeline_origin_monotonic_s,
         "verifier_peak_rss_mib": args.pid.and_then(verifier_proc::peak_rss_kib).map(|kib| (kib as f64 / 1024.0 * 10.0).round() / 10.0),
         // Includes requests sent in the window but recorded after it: a
         // slight overestimate at most, and the same for every row.
         "verifier_cpu_us_per_request": cpu_spent.filter(|_| !histogram.is_empty()).map(|cpu| (cpu.as_secs_f64() * 1e6 / histogram.len() as f64 * 10.0).round() / 10.0),
     });
+    if let (Some(path), Some(timeline)) = (&args.timeline, &recorder.timeline) {
+        let mut timeline = timeline.lock().map_err(|e| e.to_string())?.clone();
+        timeline.sort_unstable();
+        let csv: String = timeline
+            .iter()
+            .map(|(start, latency)| {
+                format!("{:.3},{:.3}\n", *start as f64 / 1e3, *latency as f64 / 1e3)
+            })
+            .collect();
+        std::fs::write(path, format!("start_ms,latency_ms\n{csv}"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     if args.json {
         println!("{report}");
     } else {
