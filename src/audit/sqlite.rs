@@ -6,9 +6,10 @@
 //! Triggers make the table append-only to casual mistakes; the hash chain is
 //! what catches deliberate tampering.
 //!
-//! Appends go through rusqlite, synchronously, on the audit writer's own
-//! thread; reads and probes go through sqlx's async driver (same file,
-//! separate connections, which WAL allows).
+//! One driver, rusqlite, for every connection to the file, so they all get
+//! the same pragmas and the same locking. Appends run synchronously on the
+//! audit writer's own thread; reads and probes run on the blocking pool
+//! through a second connection (WAL lets it read while a batch commits).
 //!
 //! Unlike `sql/init.sql`, `event_id` and `hash` carry no UNIQUE index: their
 //! random keys dirtied a page per row per index and cut group-commit
@@ -16,15 +17,11 @@
 //! verification on a duplicated or reordered row.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::OptionalExtension;
-use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
 
 use super::checkpoint::Head;
 use super::scan::{BATCH, ChainSource, RawRow, ReadError};
@@ -55,55 +52,64 @@ BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct SqliteAuditLog {
-    /// Reads and probes, through sqlx's async driver.
-    pool: SqlitePool,
-    /// Appends: a blocking connection of the audit writer's own (rusqlite).
-    /// Through sqlx every statement of a batch was a round trip to a worker
-    /// thread, and those hand-offs were a quarter of the verifier's CPU at
-    /// load; the writer already has a thread to itself, so SQLite runs there.
-    writer: std::sync::Mutex<Option<rusqlite::Connection>>,
+    /// Appends: the audit writer's connection, used on its thread alone.
+    /// (Through an async driver every statement of a batch was a round trip
+    /// to a worker thread, a quarter of the verifier's CPU at load.)
+    writer: Mutex<Option<rusqlite::Connection>>,
+    /// Reads and probes (`/healthz`, the writer's probe, pages), opened
+    /// lazily and reopened after an error. Its own connection, so that a
+    /// probe never waits behind a batch's fsync.
+    reader: Arc<Mutex<Option<rusqlite::Connection>>>,
     path: PathBuf,
 }
 
 impl SqliteAuditLog {
     /// Opens (creating file, folder and table if needed) the audit database.
     pub async fn open(path: &Path) -> Result<Self, AuditError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                AuditError::Unavailable(format!("cannot create {}: {e}", parent.display()))
-            })?;
-        }
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(unavailable)?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_with(options)
-            .await
-            .map_err(unavailable)?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&pool)
-            .await
-            .map_err(unavailable)?;
+        let owned = path.to_owned();
+        let writer = tokio::task::spawn_blocking(move || -> Result<_, AuditError> {
+            if let Some(parent) = owned.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    AuditError::Unavailable(format!("cannot create {}: {e}", parent.display()))
+                })?;
+            }
+            let conn = connect(&owned, true).map_err(unavailable)?;
+            conn.execute_batch(SCHEMA).map_err(unavailable)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| AuditError::Unavailable(e.to_string()))??;
         Ok(SqliteAuditLog {
-            pool,
-            writer: std::sync::Mutex::default(),
+            writer: Mutex::new(Some(writer)),
+            reader: Arc::default(),
             path: path.to_owned(),
         })
     }
 
-    /// The writer's connection, with the same durability as the pool's.
-    fn open_writer(&self) -> rusqlite::Result<rusqlite::Connection> {
-        let conn = rusqlite::Connection::open(&self.path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        Ok(conn)
+    /// Runs `read` on the reader connection, on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, AuditError> {
+        let (reader, path) = (self.reader.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut slot = reader
+                .lock()
+                .map_err(|_| AuditError::Unavailable("SQLite reader lock poisoned".into()))?;
+            let conn = match &mut *slot {
+                Some(conn) => conn,
+                // Never creates the file: a database that vanished is
+                // reported, not silently replaced by an empty one.
+                None => slot.insert(connect(&path, false).map_err(unavailable)?),
+            };
+            let result = read(conn);
+            if result.is_err() {
+                *slot = None;
+            }
+            result.map_err(unavailable)
+        })
+        .await
+        .map_err(|e| AuditError::Unavailable(e.to_string()))?
     }
 
     /// One batch, one transaction. `BEGIN IMMEDIATE` takes the write lock
@@ -151,7 +157,23 @@ impl SqliteAuditLog {
     }
 }
 
-fn unavailable(error: sqlx::Error) -> AuditError {
+/// Every connection to the file, writer or reader: WAL with
+/// `synchronous=FULL` (a committed batch is on disk), and a busy timeout
+/// rather than an instant SQLITE_BUSY when another process holds the lock.
+fn connect(path: &Path, create: bool) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = rusqlite::Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn unavailable(error: rusqlite::Error) -> AuditError {
     AuditError::Unavailable(error.to_string())
 }
 
@@ -192,10 +214,7 @@ impl AuditLog for SqliteAuditLog {
             .map_err(|_| AuditError::Unavailable("SQLite writer lock poisoned".into()))?;
         let conn = match &mut *writer {
             Some(conn) => conn,
-            None => writer.insert(
-                self.open_writer()
-                    .map_err(|e| AuditError::Unavailable(e.to_string()))?,
-            ),
+            None => writer.insert(connect(&self.path, true).map_err(unavailable)?),
         };
         let result = Self::append_in_tx(conn, events).map_err(classify);
         if matches!(result, Err(AuditError::Unavailable(_))) {
@@ -215,58 +234,58 @@ impl AuditLog for SqliteAuditLog {
             Some((from, to)) => (from.as_str(), to.as_str()),
             None => ("", "\u{10FFFF}"),
         };
-        let rows = sqlx::query(
-            "SELECT id, request_id, event_id, ts, actor, action, decision, payload, prev_hash, hash \
-             FROM audit_events WHERE id > ? AND ts >= ? AND ts < ? ORDER BY id LIMIT ?",
-        )
-        .bind(after_id)
-        .bind(from)
-        .bind(to)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        let (from, to) = (from.to_owned(), to.to_owned());
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {READ_COLUMNS} FROM audit_events WHERE id > ?1 AND ts >= ?2 AND ts < ?3 \
+                 ORDER BY id LIMIT ?4"
+            ))?;
+            let rows = statement.query_map(
+                rusqlite::params![after_id, from, to, i64::from(limit)],
+                raw_row,
+            )?;
+            rows.map(|row| row.map(stored_event)).collect()
+        })
         .await
-        .map_err(unavailable)?;
-        rows.iter().map(stored_event).collect()
     }
 
     async fn hash_before(&self, id: i64) -> Result<Option<String>, AuditError> {
-        sqlx::query_scalar("SELECT hash FROM audit_events WHERE id < ? ORDER BY id DESC LIMIT 1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT hash FROM audit_events WHERE id < ?1 ORDER BY id DESC LIMIT 1",
+                [id],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), AuditError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
             .await
-            .map(|_| ())
-            .map_err(unavailable)
     }
 }
 
-fn stored_event(row: &sqlx::sqlite::SqliteRow) -> Result<StoredEvent, AuditError> {
-    let get = |col: &str| row.try_get::<String, _>(col).map_err(unavailable);
-    let payload_text = get("payload")?;
+fn stored_event(row: RawRow) -> StoredEvent {
     // A payload that no longer parses is itself tampering: keep it as a JSON
     // string so the recomputed hash fails instead of the whole read.
     let payload =
-        serde_json::from_str(&payload_text).unwrap_or(serde_json::Value::String(payload_text));
-    Ok(StoredEvent {
-        id: row.try_get("id").map_err(unavailable)?,
+        serde_json::from_str(&row.payload).unwrap_or(serde_json::Value::String(row.payload));
+    StoredEvent {
+        id: row.id,
         event: NewEvent {
-            request_id: get("request_id")?,
-            event_id: get("event_id")?,
-            ts: get("ts")?,
-            actor: get("actor")?,
-            action: get("action")?,
-            decision: get("decision")?,
+            request_id: row.request_id,
+            event_id: row.event_id,
+            ts: row.ts,
+            actor: row.actor,
+            action: row.action,
+            decision: row.decision,
             payload,
         },
-        prev_hash: get("prev_hash")?,
-        hash: get("hash")?,
-    })
+        prev_hash: row.prev_hash,
+        hash: row.hash,
+    }
 }
 
 /// The audit commands' view of the file: read-only, never creating it (nor
@@ -525,14 +544,12 @@ mod tests {
 
         // A batch that fails inside its transaction is rolled back, and the
         // writer's connection carries on from the same head.
-        sqlx::query("ALTER TABLE audit_events RENAME TO moved_away")
-            .execute(&log.pool)
+        log.read(|conn| conn.execute_batch("ALTER TABLE audit_events RENAME TO moved_away"))
             .await
             .unwrap();
         let failed = log.append_batch(&events("lost", 2)).await;
         assert!(matches!(failed, Err(AuditError::Rejected(_))), "{failed:?}");
-        sqlx::query("ALTER TABLE moved_away RENAME TO audit_events")
-            .execute(&log.pool)
+        log.read(|conn| conn.execute_batch("ALTER TABLE moved_away RENAME TO audit_events"))
             .await
             .unwrap();
         receipts.extend(log.append_batch(&events("b", 2)).await.unwrap());
