@@ -6,7 +6,8 @@
 #   scripts/image.sh build   base, then `buildah bud` the Dockerfile as shipped
 #   scripts/image.sh run     build, then start the image with embedded backends
 #                            in the foreground (Ctrl-C stops it)
-#   scripts/image.sh smoke   build, start, check from outside, stop
+#   scripts/image.sh smoke   build, start, check from outside, stop; again with
+#                            mTLS on both doors (certificates made by openssl)
 #
 # Why buildah: as root, `buildah bud --isolation chroot` builds Dockerfiles
 # (RUN steps included) and `buildah run --isolation chroot` runs the result,
@@ -52,6 +53,7 @@ install_tools() {
   command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
   command -v curl >/dev/null || missing+=(curl)
   command -v ss >/dev/null || missing+=(iproute2)
+  command -v openssl >/dev/null || missing+=(openssl)
   ((${#missing[@]} == 0)) && return
   [[ $EUID -eq 0 ]] || die "need root to apt-get install ${missing[*]}"
   log "installing ${missing[*]} (apt-get)"
@@ -152,6 +154,10 @@ start_container() {
   local entrypoint cmd
   bud rm "$CONTAINER" >/dev/null 2>&1 || true
   bud from --quiet --pull-never --name "$CONTAINER" "$IMAGE" >/dev/null
+  # TLS_DIR: certificates for the doors, copied in as the runtime user's.
+  if [[ -n ${TLS_DIR:-} ]]; then
+    bud copy --chown 65532:65532 "$CONTAINER" "$TLS_DIR" /app/tls >/dev/null
+  fi
   bud config --env CASF_HTTP_ADDR="127.0.0.1:$HTTP_PORT" \
     --env CASF_GRPC_ADDR="127.0.0.1:$GRPC_PORT" "$@" "$CONTAINER"
   entrypoint=$(bud inspect --type container --format '{{range .Docker.Config.Entrypoint}}{{.}} {{end}}' "$CONTAINER")
@@ -248,11 +254,60 @@ cmd_smoke() {
     echo "health_ready_ms: $ready_ms"
     echo "uid: $uid"
   } >"$report"
+  kill_container
+
+  # The same image with TLS and client certificates on both doors: its
+  # HEALTHCHECK must still pass (the probe pins the served certificate and
+  # presents it as its client certificate).
+  local pki=$STATE/pki
+  make_pki "$pki"
+  TLS_DIR=$pki start_container --env CASF_TLS_CERT=/app/tls/server.pem \
+    --env CASF_TLS_KEY=/app/tls/server.key --env CASF_TLS_CLIENT_CA=/app/tls/ca.pem \
+    >"$STATE/container-tls.log" 2>&1 &
+  runner=$!
+  deadline=$((SECONDS + 30))
+  local https=(curl -fsS -o /dev/null --cacert "$pki/ca.pem" --cert "$pki/client.pem" --key "$pki/client.key"
+    --resolve "casf-verifier:$HTTP_PORT:127.0.0.1" "https://casf-verifier:$HTTP_PORT/health")
+  until "${https[@]}" 2>/dev/null; do
+    kill -0 "$runner" 2>/dev/null || { cat "$STATE/container-tls.log" >&2; die "the TLS container exited"; }
+    ((SECONDS < deadline)) || { cat "$STATE/container-tls.log" >&2; die "no HTTPS /health after 30 s"; }
+    sleep 0.05
+  done
+  check "over mTLS, /health answers a client with a certificate" "${https[@]}"
+  check "over mTLS, a client without a certificate gets no answer" \
+    bash -c '! curl -fsS -o /dev/null --cacert "$1/ca.pem" --resolve "casf-verifier:$2:127.0.0.1" "https://casf-verifier:$2/health" 2>/dev/null' _ "$pki" "$HTTP_PORT"
+  check "the image's HEALTHCHECK passes inside the container with mTLS on the doors" \
+    bud run --isolation chroot --network host "$CONTAINER" -- casf-verifier healthcheck
+  check "its gRPC probe passes over mTLS too" \
+    bud run --isolation chroot --network host "$CONTAINER" -- casf-verifier healthcheck --grpc
   log "report in $report"
   kill_container
   trap - EXIT
   ((failures == 0)) || die "$failures check(s) failed"
   log "smoke passed: ${size} bytes, /health after ${ready_ms} ms, uid $uid"
+}
+
+# make_pki DIR: a CA, a server certificate for the doors (also allowed for
+# client authentication, so that the probe can present it) and a client's.
+make_pki() {
+  local dir=$1
+  rm -rf "$dir" && mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj "/CN=casf image smoke ca" -addext basicConstraints=critical,CA:TRUE \
+      -addext keyUsage=critical,keyCertSign,cRLSign -keyout ca.key -out ca.pem
+    printf 'subjectAltName=DNS:casf-verifier\nextendedKeyUsage=serverAuth,clientAuth\n' >server.ext
+    printf 'subjectAltName=URI:spiffe://smoke/client\nextendedKeyUsage=clientAuth\n' >client.ext
+    local name
+    for name in server client; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$name" \
+        -keyout "$name.key" -out "$name.csr"
+      openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile "$name.ext" -out "$name.pem"
+    done
+    rm -f ca.key ./*.csr ./*.ext ca.srl
+  ) >"$STATE/pki.log" 2>&1 || { cat "$STATE/pki.log" >&2; die "openssl could not make the smoke certificates"; }
 }
 
 kill_container() {
