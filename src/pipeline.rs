@@ -133,6 +133,9 @@ struct Stamp<'a> {
     set: &'a PolicySet,
     shadow: bool,
     candidate: Option<serde_json::Value>,
+    /// The engine's own name for the policy that decided (OPA's bundle
+    /// revisions), when it gave one.
+    revision: Option<String>,
 }
 
 /// How far a decision got, kept outside its future so that a panic inside
@@ -420,7 +423,7 @@ impl Pipeline {
         };
         let live = live.as_ref().ok()?;
         match candidate.evaluate(input).await {
-            Ok(verdict) if verdict == *live => None,
+            Ok(verdict) if verdict.same_outcome(live) => None,
             Ok(verdict) => {
                 let (live_decision, decision) = (policy_decision(live), policy_decision(&verdict));
                 self.metrics.policy_disagreement(live_decision, decision);
@@ -534,6 +537,7 @@ impl Pipeline {
                         set,
                         shadow,
                         candidate: None,
+                        revision: None,
                     };
                     return self
                         .audited_under(
@@ -604,6 +608,7 @@ impl Pipeline {
         }
         .instrument(tracing::info_span!("policy"))
         .await;
+        let revision = evaluated.as_ref().ok().and_then(|v| v.revision.clone());
         match evaluated {
             Ok(verdict) if !verdict.allow && verdict.violations.is_empty() => {
                 findings.push(violation::OPA_DENY)
@@ -668,6 +673,7 @@ impl Pipeline {
                     set,
                     shadow,
                     candidate,
+                    revision,
                 },
             )
             .await;
@@ -722,6 +728,7 @@ impl Pipeline {
             set,
             shadow: false,
             candidate: None,
+            revision: None,
         };
         self.audited_under(request, input, action, response, None, stamp)
             .await
@@ -757,6 +764,9 @@ impl Pipeline {
             }),
         };
         payload["policy"] = stamp.set.stamp().clone();
+        if let Some(revision) = stamp.revision {
+            payload["policy"]["revision"] = json!(revision);
+        }
         if shadow {
             payload["shadow"] = json!(true);
         }
@@ -1085,6 +1095,7 @@ mod tests {
             let verdict = PolicyVerdict {
                 allow: !self.1,
                 violations: Vec::new(),
+                revision: None,
             };
             act(self.0, Ok(verdict), Err(PolicyError::Timeout))
         }

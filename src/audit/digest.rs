@@ -26,7 +26,8 @@ pub struct Digest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_broken_event: Option<BrokenEvent>,
     /// The policy sets that decided the window's events (`policy.hash` of
-    /// their payloads), in order of first use. Not covered by `digest_hash`.
+    /// their payloads, with OPA's `policy.revision` where recorded), in
+    /// order of first use. Not covered by `digest_hash`.
     pub policies: Vec<PolicyInForce>,
 }
 
@@ -35,12 +36,17 @@ pub struct Digest {
 pub struct PolicyInForce {
     /// `null` for events written before payloads named their policy.
     pub hash: Option<String>,
+    /// The OPA bundle revisions that decided, in OPA mode (where `hash`
+    /// covers the route map only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     pub first_id: i64,
     pub last_id: i64,
     pub count: u64,
 }
 
-/// Reads the `policy.hash` of every event matching `filter`, grouped by hash.
+/// Reads the `policy` of every event matching `filter`, grouped by hash and
+/// revision.
 async fn policies_in_force(
     source: &dyn ChainSource,
     filter: &EventFilter,
@@ -51,10 +57,20 @@ async fn policies_in_force(
         while let Some(rows) = rx.recv().await {
             for row in rows {
                 let row: super::scan::RawRow = row;
-                let hash = serde_json::from_str::<serde_json::Value>(&row.payload)
-                    .ok()
-                    .and_then(|p| p.pointer("/policy/hash")?.as_str().map(str::to_owned));
-                match policies.iter_mut().find(|p| p.hash == hash) {
+                let payload = serde_json::from_str::<serde_json::Value>(&row.payload).ok();
+                let field = |name: &str| {
+                    payload
+                        .as_ref()?
+                        .get("policy")?
+                        .get(name)?
+                        .as_str()
+                        .map(str::to_owned)
+                };
+                let (hash, revision) = (field("hash"), field("revision"));
+                match policies
+                    .iter_mut()
+                    .find(|p| p.hash == hash && p.revision == revision)
+                {
                     Some(policy) => {
                         policy.first_id = policy.first_id.min(row.id);
                         policy.last_id = policy.last_id.max(row.id);
@@ -62,6 +78,7 @@ async fn policies_in_force(
                     }
                     None => policies.push(PolicyInForce {
                         hash,
+                        revision,
                         first_id: row.id,
                         last_id: row.id,
                         count: 1,
@@ -294,5 +311,59 @@ mod tests {
         );
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["policies"][1]["hash"], "h0");
+        assert!(json["policies"][1].get("revision").is_none(), "{json}");
+    }
+
+    #[tokio::test]
+    async fn in_opa_mode_each_bundle_revision_is_its_own_policy() {
+        // One route map (one hash) while OPA moved from bundle r1 to r2.
+        let revisions = [None, Some("casf:r1"), Some("casf:r1"), Some("casf:r2")];
+        let events: Vec<NewEvent> = revisions
+            .iter()
+            .enumerate()
+            .map(|(i, revision)| NewEvent {
+                request_id: format!("r{i}"),
+                event_id: format!("e{i}"),
+                ts: format!("2026-02-10T00:00:0{i}.000000Z"),
+                actor: "role:nurse".into(),
+                action: "cliniccloud.list_appointments".into(),
+                decision: "ALLOW".into(),
+                payload: match revision {
+                    None => json!({"policy": {"hash": "routes"}}),
+                    Some(r) => json!({"policy": {"hash": "routes", "revision": r}}),
+                },
+            })
+            .collect();
+        let links = link("", &events);
+        let rows = events
+            .into_iter()
+            .zip(links)
+            .enumerate()
+            .map(|(i, (event, link))| StoredEvent {
+                id: i as i64 + 1,
+                event,
+                prev_hash: link.prev_hash,
+                hash: link.hash,
+            })
+            .collect();
+        let d = digest(&Rows(rows), day("2026-02-10"), false).await.unwrap();
+        let listed: Vec<(Option<&str>, i64, i64, u64)> = d
+            .policies
+            .iter()
+            .map(|p| (p.revision.as_deref(), p.first_id, p.last_id, p.count))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (None, 1, 1, 1),
+                (Some("casf:r1"), 2, 3, 2),
+                (Some("casf:r2"), 4, 4, 1)
+            ]
+        );
+        assert!(
+            d.policies
+                .iter()
+                .all(|p| p.hash.as_deref() == Some("routes"))
+        );
     }
 }

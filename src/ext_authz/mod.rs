@@ -357,6 +357,7 @@ mod tests {
             Ok(PolicyVerdict {
                 allow: true,
                 violations: vec![],
+                revision: None,
             })
         }
     }

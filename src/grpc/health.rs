@@ -139,6 +139,7 @@ mod tests {
                 Ok(PolicyVerdict {
                     allow: true,
                     violations: vec![],
+                    revision: None,
                 })
             } else {
                 Err(PolicyError::Unavailable("switched off".into()))

@@ -377,7 +377,8 @@ fn a_vm_failure_falls_back_to_the_interpreter() {
             .expect("the interpreter answers"),
         PolicyVerdict {
             allow: true,
-            violations: vec!["c29999".to_string()]
+            violations: vec!["c29999".to_string()],
+            revision: None,
         }
     );
 }

@@ -378,7 +378,11 @@ fn verdict(
         }
     };
     violations.sort();
-    Ok(PolicyVerdict { allow, violations })
+    Ok(PolicyVerdict {
+        allow,
+        violations,
+        revision: None,
+    })
 }
 
 #[async_trait::async_trait]
@@ -499,7 +503,8 @@ mod tests {
             verdict,
             PolicyVerdict {
                 allow: true,
-                violations: vec![]
+                violations: vec![],
+                revision: None,
             }
         );
     }
@@ -588,7 +593,8 @@ mod tests {
             verdict,
             PolicyVerdict {
                 allow: false,
-                violations: vec![]
+                violations: vec![],
+                revision: None,
             }
         );
     }
@@ -605,7 +611,8 @@ mod tests {
             verdict,
             PolicyVerdict {
                 allow: false,
-                violations: vec!["a".to_string(), "b".to_string()]
+                violations: vec!["a".to_string(), "b".to_string()],
+                revision: None,
             }
         );
         assert!(

@@ -19,11 +19,22 @@ pub mod subset;
 use async_trait::async_trait;
 
 /// What `data.casf` said about one input.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyVerdict {
     pub allow: bool,
     /// Violation codes reported by the policy, in the order the engine gave them.
     pub violations: Vec<String>,
+    /// Which policy the engine says decided, when it says: OPA's bundle
+    /// revisions (`name:revision`, sorted). `None` from the embedded engine,
+    /// whose files are already named by the audit payload's `policy.hash`.
+    pub revision: Option<String>,
+}
+
+impl PolicyVerdict {
+    /// The same answer, whichever policy revision gave it.
+    pub fn same_outcome(&self, other: &PolicyVerdict) -> bool {
+        self.allow == other.allow && self.violations == other.violations
+    }
 }
 
 /// Why a policy evaluation produced no verdict.

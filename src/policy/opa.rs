@@ -23,8 +23,12 @@ pub const EVALUATION_TIMEOUT: Duration = Duration::from_millis(350);
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Idle keep-alive connections kept open to OPA.
 const MAX_IDLE_CONNECTIONS: usize = 32;
-/// The document queried, `data.casf`.
-const DECISION_PATH: &str = "/v1/data/casf";
+/// The document queried, `data.casf`, with OPA's provenance (its version
+/// and the revision of each bundle it serves) in the same answer, so the
+/// audit row names the policy that made this decision, not one read later.
+const DECISION_PATH: &str = "/v1/data/casf?provenance=true";
+/// Longest revision text kept; a bundle revision is a short hash or tag.
+const MAX_REVISION_CHARS: usize = 256;
 
 /// Why `OPA_URL` cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +143,39 @@ fn verdict_from_answer(body: &[u8]) -> Result<PolicyVerdict, PolicyError> {
     };
     // Same order as the embedded engine, whatever order OPA uses for sets.
     violations.sort();
-    Ok(PolicyVerdict { allow, violations })
+    Ok(PolicyVerdict {
+        allow,
+        violations,
+        revision: revision_of(&answer),
+    })
+}
+
+/// The policy revision in OPA's `provenance`: each bundle's as
+/// `name:revision`, sorted and comma-separated; else the legacy top-level
+/// `revision`; else none (OPA serving policies it was given by hand).
+/// Never an error: the provenance describes the answer, it is not the answer.
+fn revision_of(answer: &Value) -> Option<String> {
+    let provenance = answer.get("provenance")?;
+    let mut bundles: Vec<String> = provenance
+        .get("bundles")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, bundle)| {
+            let revision = bundle.get("revision")?.as_str()?;
+            Some(format!("{name}:{revision}"))
+        })
+        .collect();
+    bundles.sort();
+    let revision = match bundles.is_empty() {
+        false => bundles.join(","),
+        true => provenance
+            .get("revision")
+            .and_then(Value::as_str)
+            .filter(|revision| !revision.is_empty())?
+            .to_owned(),
+    };
+    Some(revision.chars().take(MAX_REVISION_CHARS).collect())
 }
 
 #[async_trait]
@@ -210,6 +246,41 @@ mod tests {
         format!("http://{addr}")
     }
 
+    #[test]
+    fn the_revision_is_each_bundles_sorted_else_the_legacy_one_else_none() {
+        let revision = |answer: Value| {
+            verdict_from_answer(answer.to_string().as_bytes())
+                .unwrap()
+                .revision
+        };
+        let result = json!({"allow": true});
+        assert_eq!(
+            revision(json!({"result": result, "provenance": {"bundles": {
+                "zeta": {"revision": "r2"}, "alpha": {"revision": "r1"}, "no-revision": {}
+            }}})),
+            Some("alpha:r1,zeta:r2".into())
+        );
+        assert_eq!(
+            revision(json!({"result": result, "provenance": {"revision": "legacy-7"}})),
+            Some("legacy-7".into())
+        );
+        for unnamed in [
+            json!({"result": result}),
+            json!({"result": result, "provenance": {"version": "1.0"}}),
+            json!({"result": result, "provenance": {"revision": ""}}),
+            json!({"result": result, "provenance": "not an object"}),
+        ] {
+            assert_eq!(revision(unnamed.clone()), None, "{unnamed}");
+        }
+        // Kept bounded, whatever OPA sends.
+        let long = "x".repeat(10_000);
+        assert_eq!(
+            revision(json!({"result": result, "provenance": {"revision": long}}))
+                .map(|r| r.chars().count()),
+            Some(MAX_REVISION_CHARS)
+        );
+    }
+
     #[tokio::test]
     async fn answer_without_result_is_bad_response() {
         let opa = OpaPolicy::new(&stub("200 OK", "{}").await, &ClientTls::default()).unwrap();
@@ -237,7 +308,8 @@ mod tests {
             opa.evaluate(&json!({})).await.unwrap(),
             PolicyVerdict {
                 allow: false,
-                violations: vec!["a".into(), "b".into()]
+                violations: vec!["a".into(), "b".into()],
+                revision: None,
             }
         );
     }
@@ -275,14 +347,16 @@ mod tests {
             verdict_from_answer(br#"{"result": {}}"#).unwrap(),
             PolicyVerdict {
                 allow: false,
-                violations: vec![]
+                violations: vec![],
+                revision: None,
             }
         );
         assert_eq!(
             verdict_from_answer(br#"{"result": {"allow": true, "other": 1}}"#).unwrap(),
             PolicyVerdict {
                 allow: true,
-                violations: vec![]
+                violations: vec![],
+                revision: None,
             }
         );
     }

@@ -205,3 +205,63 @@ async fn opa_non_json_answer_is_bad_response() {
 async fn opa_slower_than_350ms_is_timeout() {
     fault_is_counted_as("slow", 600, "timeout").await;
 }
+
+/// The revision OPA itself reports for its bundles, asked directly.
+async fn revision_opa_reports(opa_url: &str) -> String {
+    let answer: Value = casf_verifier::tls::http_client_builder()
+        .build()
+        .expect("HTTP client")
+        .post(format!("{opa_url}/v1/data/casf?provenance=true"))
+        .json(&json!({"input": request("cliniccloud.list_appointments", "ALLOW")}))
+        .send()
+        .await
+        .expect("ask OPA")
+        .json()
+        .await
+        .expect("OPA's answer");
+    let bundles = answer["provenance"]["bundles"]
+        .as_object()
+        .expect("OPA reports its bundles");
+    let mut revisions: Vec<String> = bundles
+        .iter()
+        .map(|(name, bundle)| format!("{name}:{}", bundle["revision"].as_str().unwrap()))
+        .collect();
+    revisions.sort();
+    revisions.join(",")
+}
+
+#[tokio::test]
+async fn each_audit_row_names_the_opa_bundle_revision_that_decided() {
+    let opa_url = required_env("CASF_TEST_OPA_URL");
+    let expected = revision_opa_reports(&opa_url).await;
+    assert!(
+        expected.starts_with("casf:") && expected.len() > 5,
+        "{expected}"
+    );
+
+    let opa = spawn_app_with(&[("OPA_URL", opa_url.as_str())]).await;
+    let embedded = spawn_app().await;
+    for app in [&opa, &embedded] {
+        app.decide(&request("cliniccloud.create_appointment", "ALLOW"))
+            .await;
+        app.decide(&request("cliniccloud.list_appointments", "READ_ONLY"))
+            .await;
+    }
+    let policies = |rows: Vec<crate::helpers::AuditRow>| -> Vec<Value> {
+        rows.iter()
+            .map(|row| serde_json::from_str::<Value>(&row.payload).unwrap()["policy"].clone())
+            .collect()
+    };
+    let by_opa = policies(opa.audit_rows().await);
+    assert_eq!(by_opa.len(), 2);
+    for policy in &by_opa {
+        assert_eq!(policy["revision"], json!(expected), "{policy}");
+        assert!(policy["hash"].is_string(), "{policy}");
+    }
+    // The embedded engine's files are named by the hash alone.
+    let by_embedded = policies(embedded.audit_rows().await);
+    assert_eq!(by_embedded.len(), 2);
+    for policy in &by_embedded {
+        assert!(policy.get("revision").is_none(), "{policy}");
+    }
+}

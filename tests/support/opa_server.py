@@ -10,6 +10,9 @@ the OPA REST API the verifier uses, plus a fault-injection endpoint:
                                            -> 200 {}  when data.a.b is undefined
                                            -> 400 {"code", "message"} bad body
                                            -> 500 {"code", "message"} eval error
+  POST /v1/data/...?provenance=true       -> adds "provenance": {"version",
+                                             "bundles": {"casf": {"revision"}}},
+                                             the revision a digest of the files
   GET  /health                            -> 200 {}
   POST /__fault {"mode": "ok"|"status500"|"nonjson"|"slow", "delay_ms": N}
   GET  /__fault                           -> current fault state
@@ -23,6 +26,7 @@ SIGTERM / SIGINT shut it down cleanly (exit status 0).
 """
 
 import argparse
+import hashlib
 import json
 import signal
 import socket
@@ -32,6 +36,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from opa_bindings import OpaEngine, OpaError, OpaUndefinedError
 
@@ -69,14 +74,19 @@ def load_engine(policy_dir):
         sys.exit(f"opa_server: policies directory not found: {root}")
     engine = OpaEngine()
     files = sorted(root.rglob("*.rego"))
+    # What a bundle's manifest would call its revision: here a digest of the
+    # files served, so that a changed policy is a changed revision.
+    digest = hashlib.sha256()
     for path in files:
+        text = path.read_text("utf-8")
+        digest.update(f"{path.relative_to(root)}\n{len(text)}\n{text}".encode())
         try:
-            engine.add_policy(str(path.relative_to(root)), path.read_text("utf-8"))
+            engine.add_policy(str(path.relative_to(root)), text)
         except OpaError as e:
             sys.exit(f"opa_server: failed to load {path}: {e}")
     if not files:
         print(f"opa_server: warning: no *.rego files in {root}", file=sys.stderr)
-    return engine
+    return engine, digest.hexdigest()[:16]
 
 
 def data_path(url_path):
@@ -200,7 +210,16 @@ class Handler(BaseHTTPRequestHandler):
             if e.code == "prepare_error":
                 return self._error(400, "invalid_parameter", e.message)
             return self._error(500, "internal_error", f"{e.code}: {e.message}")
-        self._send(200, {"result": result})
+        answer = {"result": result}
+        # OPA's `?provenance` (any value but "false"): the server's version
+        # and each bundle's revision, in the same answer as the result.
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        if "provenance" in query and query["provenance"][-1] != "false":
+            answer["provenance"] = {
+                "version": "casf-test-server",
+                "bundles": {"casf": {"revision": self.server.revision}},
+            }
+        self._send(200, answer)
 
 
 class Server(ThreadingHTTPServer):
@@ -235,11 +254,12 @@ def main():
     if args.tls_client_ca and not args.tls_cert:
         sys.exit("opa_server: --tls-client-ca needs --tls-cert")
 
-    engine = load_engine(args.policies)
+    engine, revision = load_engine(args.policies)
     host, port, family = parse_addr(args.addr)
     Server.address_family = family
     server = Server((host, port), Handler)
     server.engine, server.fault, server.log_requests = engine, Fault(), args.log_requests
+    server.revision = revision
     if args.tls_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(args.tls_cert, args.tls_key)
