@@ -288,6 +288,8 @@ impl Schedule {
 
     /// Writes one checkpoint; `Err` once the failure is logged.
     async fn write_one(&self) -> Result<(), ()> {
+        // The head's count grows with the trail: the log says what it cost.
+        let started = std::time::Instant::now();
         let doc = match make(self.source.as_ref(), self.backend, &self.key).await {
             Ok(doc) => doc,
             Err(error) => {
@@ -306,6 +308,7 @@ impl Schedule {
                 tracing::info!(
                     last_id = doc["last_id"].as_i64(),
                     count = doc["count"].as_u64(),
+                    took_ms = started.elapsed().as_millis() as u64,
                     file = %self.file.display(),
                     "audit checkpoint written"
                 );
