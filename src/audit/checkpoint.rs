@@ -69,9 +69,33 @@ pub async fn make(
     key: &AuditSigningKey,
 ) -> Result<Value, super::scan::ReadError> {
     let head = source.head().await?;
-    let mut doc = document(&head, backend, Utc::now());
+    Ok(signed(&head, backend, key))
+}
+
+fn signed(head: &Head, backend: &str, key: &AuditSigningKey) -> Value {
+    let mut doc = document(head, backend, Utc::now());
     key.sign_document(&mut doc);
-    Ok(doc)
+    doc
+}
+
+/// The head for the next of `serve`'s checkpoints: counted from the last
+/// one it wrote while that one is still in the chain, else afresh (the
+/// first after start, or after the chain below it changed, which is logged:
+/// `audit verify --checkpoints` will name what).
+async fn next_head(
+    source: &dyn ChainSource,
+    last: Option<&Head>,
+) -> Result<Head, super::scan::ReadError> {
+    if let Some(last) = last {
+        match source.head_since(last).await? {
+            Some(head) => return Ok(head),
+            None => tracing::warn!(
+                last_id = last.last_id,
+                "the chain no longer holds the last checkpoint's head: counting afresh"
+            ),
+        }
+    }
+    source.head().await
 }
 
 /// One line of canonical JSON, the form a checkpoint file holds.
@@ -272,11 +296,13 @@ impl Schedule {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await; // The first tick is immediate; the first checkpoint is one period in.
         tokio::pin!(stopped);
+        // The head of the last checkpoint written, to count from.
+        let mut last: Option<Head> = None;
         loop {
             tokio::select! {
                 () = &mut stopped => return,
                 _ = ticks.tick() => {
-                    let result = match self.write_one().await {
+                    let result = match self.write_one(&mut last).await {
                         Ok(()) => CheckpointResult::Written,
                         Err(()) => CheckpointResult::Failed,
                     };
@@ -286,17 +312,18 @@ impl Schedule {
         }
     }
 
-    /// Writes one checkpoint; `Err` once the failure is logged.
-    async fn write_one(&self) -> Result<(), ()> {
-        // The head's count grows with the trail: the log says what it cost.
+    /// Writes one checkpoint, counted from `last`, and makes it the new
+    /// `last`; `Err` once the failure is logged.
+    async fn write_one(&self, last: &mut Option<Head>) -> Result<(), ()> {
         let started = std::time::Instant::now();
-        let doc = match make(self.source.as_ref(), self.backend, &self.key).await {
-            Ok(doc) => doc,
+        let head = match next_head(self.source.as_ref(), last.as_ref()).await {
+            Ok(head) => head,
             Err(error) => {
                 tracing::warn!(%error, "audit checkpoint not written: cannot read the chain head");
                 return Err(());
             }
         };
+        let doc = signed(&head, self.backend, &self.key);
         let file = self.file.clone();
         let written = tokio::task::spawn_blocking({
             let doc = doc.clone();
@@ -305,6 +332,7 @@ impl Schedule {
         .await;
         match written {
             Ok(Ok(())) => {
+                *last = Some(head);
                 tracing::info!(
                     last_id = doc["last_id"].as_i64(),
                     count = doc["count"].as_u64(),

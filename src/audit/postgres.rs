@@ -639,6 +639,36 @@ impl ChainSource for PostgresChainReader {
         Ok(count.max(0) as u64)
     }
 
+    async fn head_since(&self, since: &Head) -> Result<Option<Head>, ReadError> {
+        // Rows never change once written (triggers refuse it), so the anchor
+        // read before the head still holds when the head is read.
+        if since.last_id != 0 {
+            let anchor: Option<String> =
+                sqlx::query_scalar("SELECT hash FROM audit_events WHERE id = $1")
+                    .bind(since.last_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+            if anchor.as_deref() != Some(since.last_hash.as_str()) {
+                return Ok(None);
+            }
+        }
+        let row: Option<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, hash, \
+             (SELECT COUNT(*) FROM audit_events WHERE id > $1 AND id <= head.id) \
+             FROM audit_events AS head ORDER BY id DESC LIMIT 1",
+        )
+        .bind(since.last_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(row.map(|(last_id, last_hash, added)| Head {
+            last_id,
+            last_hash,
+            count: since.count + added.max(0) as u64,
+        }))
+    }
+
     async fn head(&self) -> Result<Head, ReadError> {
         let row: Option<(i64, String, i64)> = sqlx::query_as(super::sqlite::HEAD_SQL)
             .fetch_optional(&self.pool)

@@ -103,6 +103,17 @@ pub trait ChainSource: Send + Sync {
     /// The last row's id and hash and the count of rows up to it, read in
     /// one statement; [`Head::EMPTY`] for an empty chain.
     async fn head(&self) -> Result<Head, ReadError>;
+
+    /// [`ChainSource::head`] counted from `since`, a head read earlier from
+    /// this chain: its count plus the rows after it, so the cost follows
+    /// what was appended since, not the whole trail. `None` when the row at
+    /// `since.last_id` no longer holds `since.last_hash` (the chain below
+    /// it changed): the caller counts afresh, and the checkpoints will say
+    /// what changed. The default counts afresh every time.
+    async fn head_since(&self, since: &Head) -> Result<Option<Head>, ReadError> {
+        let _ = since;
+        Ok(None)
+    }
 }
 
 /// Walks every row matching `filter` in id order. Without a window the chain

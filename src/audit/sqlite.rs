@@ -484,6 +484,42 @@ impl ChainSource for SqliteChainReader {
         .map_err(|e| ReadError::Read(e.to_string()))?
     }
 
+    async fn head_since(&self, since: &Head) -> Result<Option<Head>, ReadError> {
+        let reader = self.clone_for_thread();
+        let since = since.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.connect()?;
+            // Rows never change once written, so the anchor read before the
+            // head still holds when the head is read.
+            let anchored = since.last_id == 0
+                || conn
+                    .query_row(
+                        "SELECT hash FROM audit_events WHERE id = ?1",
+                        [since.last_id],
+                        |row| row.get::<_, String>(0),
+                    )
+                    .optional()
+                    .map_err(|e| reader.error(e))?
+                    .is_some_and(|hash| hash == since.last_hash);
+            let head = match anchored {
+                false => None,
+                true => conn
+                    .query_row(HEAD_SINCE_SQL, [since.last_id], |row| {
+                        Ok(Head {
+                            last_id: row.get(0)?,
+                            last_hash: row.get(1)?,
+                            count: since.count + row.get::<_, i64>(2)?.max(0) as u64,
+                        })
+                    })
+                    .optional()
+                    .map_err(|e| reader.error(e))?,
+            };
+            Ok(head)
+        })
+        .await
+        .map_err(|e| ReadError::Read(e.to_string()))?
+    }
+
     async fn head(&self) -> Result<Head, ReadError> {
         let reader = self.clone_for_thread();
         tokio::task::spawn_blocking(move || {
@@ -509,6 +545,12 @@ impl ChainSource for SqliteChainReader {
 /// a live writer appends meanwhile. (The same text serves PostgreSQL.)
 pub(crate) const HEAD_SQL: &str = "SELECT id, hash, \
      (SELECT COUNT(*) FROM audit_events WHERE id <= head.id) \
+     FROM audit_events AS head ORDER BY id DESC LIMIT 1";
+
+/// [`HEAD_SQL`] counting only the rows after id `?1` (`$1` in PostgreSQL's
+/// copy): a range scan of the primary key.
+const HEAD_SINCE_SQL: &str = "SELECT id, hash, \
+     (SELECT COUNT(*) FROM audit_events WHERE id > ?1 AND id <= head.id) \
      FROM audit_events AS head ORDER BY id DESC LIMIT 1";
 
 #[cfg(test)]

@@ -10,8 +10,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use casf_verifier::audit::chain::link;
-use casf_verifier::audit::postgres::PostgresAuditLog;
-use casf_verifier::audit::sqlite::SqliteAuditLog;
+use casf_verifier::audit::checkpoint::Head;
+use casf_verifier::audit::postgres::{PostgresAuditLog, PostgresChainReader};
+use casf_verifier::audit::scan::ChainSource;
+use casf_verifier::audit::sqlite::{SqliteAuditLog, SqliteChainReader};
 use casf_verifier::audit::{AuditLog, NewEvent};
 use casf_verifier::config::PgDsn;
 use serde_json::{Value, json};
@@ -81,6 +83,18 @@ impl Store {
 
     async fn append(&self, events: &[NewEvent]) {
         self.log().await.append_batch(events).await.unwrap();
+    }
+
+    /// The audit commands' read-only view of this store.
+    async fn reader(&self) -> Box<dyn ChainSource> {
+        match self {
+            Store::Sqlite { path, .. } => Box::new(SqliteChainReader::open(path).await.unwrap()),
+            Store::Pg(db) => Box::new(
+                PostgresChainReader::open(&PgDsn::parse(&db.dsn).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+        }
     }
 
     /// `casf-verifier <args>` on this store.
@@ -677,21 +691,36 @@ async fn serve_writes_periodic_checkpoints() {
         ("CASF_AUDIT_CHECKPOINT_FILE", file.as_str()),
     ])
     .await;
+    let checkpoint_of = |count: u64| {
+        let file = keys.checkpoints.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                if text
+                    .lines()
+                    .any(|l| l.contains(&format!("\"count\":{count},")))
+                {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no checkpoint of {count} events: {text:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     for _ in 0..3 {
         app.decide(&request("twilio.send_sms", "ALLOW")).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(&keys.checkpoints).unwrap_or_default();
-        if text.lines().any(|l| l.contains("\"count\":3")) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint of 3 events: {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    checkpoint_of(3).await;
+    // After the first, each checkpoint counts from the last one written.
+    for _ in 0..2 {
+        app.decide(&request("cliniccloud.list_appointments", "ALLOW"))
+            .await;
     }
+    checkpoint_of(5).await;
     // Counted, and when: an operator alerts on a trail no longer anchored.
     assert!(
         app.metric(r#"casf_audit_checkpoint_total{result="written"}"#)
@@ -725,4 +754,52 @@ async fn serve_writes_periodic_checkpoints() {
         "{}",
         printed(&out)
     );
+}
+
+/// `serve`'s checkpoints after the first count only the rows since the last
+/// one: the same head as a full count while that head is still in the
+/// chain, and none (so a full count) once it is not.
+async fn counting_from_the_last_checkpoint(store: Store) {
+    store.append(&events("a", 0..3)).await;
+    let reader = store.reader().await;
+    let first = reader
+        .head_since(&Head::EMPTY)
+        .await
+        .unwrap()
+        .expect("from genesis");
+    assert_eq!(first, reader.head().await.unwrap());
+    assert_eq!(first.count, 3);
+    store.append(&events("b", 3..7)).await;
+    let second = reader
+        .head_since(&first)
+        .await
+        .unwrap()
+        .expect("the first head is in the chain");
+    assert_eq!(second, reader.head().await.unwrap());
+    assert_eq!(second.count, 7, "3 counted before, 4 since");
+    assert_eq!(
+        reader.head_since(&second).await.unwrap(),
+        Some(second.clone())
+    );
+    // A head the chain does not hold: rewritten below it, or another chain.
+    let rewritten = Head {
+        last_hash: "0".repeat(64),
+        ..first.clone()
+    };
+    assert_eq!(reader.head_since(&rewritten).await.unwrap(), None);
+    let cut = Head {
+        last_id: second.last_id + 100,
+        ..second
+    };
+    assert_eq!(reader.head_since(&cut).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn sqlite_checkpoints_count_from_the_last_one() {
+    counting_from_the_last_checkpoint(Store::sqlite()).await;
+}
+
+#[tokio::test]
+async fn postgres_checkpoints_count_from_the_last_one() {
+    counting_from_the_last_checkpoint(Store::pg().await).await;
 }
