@@ -321,6 +321,13 @@ impl PrivateCluster {
     }
 
     pub fn start() -> Self {
+        let cluster = Self::init();
+        cluster.resume();
+        cluster
+    }
+
+    /// A new cluster, initialised but not started.
+    fn init() -> Self {
         let bin = PathBuf::from(required_env("CASF_TEST_PG_BIN"));
         let dir = tempfile::Builder::new()
             .prefix("casf-pg-")
@@ -359,7 +366,6 @@ impl PrivateCluster {
                 path_str(&pwfile),
             ],
         );
-        cluster.resume();
         cluster
     }
 
@@ -370,8 +376,9 @@ impl PrivateCluster {
     /// 127.0.0.1 and 127.0.0.2, so a test can reach it under a name its
     /// certificate does not carry.
     pub fn start_tls(cert: &Path, key: &Path, client_ca: &Path) -> Self {
-        let cluster = Self::start();
-        cluster.halt();
+        // Configured before its first start: no stop and restart, in which
+        // its port could be taken.
+        let cluster = Self::init();
         let data = cluster.data();
         std::fs::copy(cert, data.join("server.pem")).expect("copy server certificate");
         std::fs::copy(key, data.join("server.key")).expect("copy server key");

@@ -64,12 +64,24 @@ where
     }
 }
 
-/// A loopback port nothing listens on right now.
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768–60999).
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port nothing listens on right now, for a server the test
+/// starts on it. Not from the ephemeral range: a port from there can be
+/// taken, before the server binds it, as the local port of any outgoing
+/// connection the tests make. That is how a private PostgreSQL listening on
+/// 127.0.0.1 and 127.0.0.2 came up on 127.0.0.2 only, and a test got
+/// "connection refused" (CI, 2026-12-03).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
+    for _ in 0..1_000 {
+        let offset = (uuid::Uuid::new_v4().as_u128() % u128::from(PORTS.len() as u16)) as u16;
+        let port = PORTS.start + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?}")
 }
 
 fn kill(child: &mut Option<Child>) {
