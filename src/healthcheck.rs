@@ -135,13 +135,12 @@ fn probe_tls_config(
     alpn: Vec<Vec<u8>>,
 ) -> Result<rustls::ClientConfig, String> {
     crate::tls::install_crypto_provider();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("CASF_TLS_CERT {}: {e}", files.cert.display()))?;
+    // Never empty: read_certs refuses a file without a certificate.
+    let chain = crate::tls::read_certs(&files.cert).map_err(|e| format!("CASF_TLS_CERT: {e}"))?;
     let leaf = chain
         .first()
         .cloned()
-        .ok_or_else(|| format!("CASF_TLS_CERT {}: no PEM certificate", files.cert.display()))?;
+        .ok_or_else(|| "CASF_TLS_CERT: no PEM certificate".to_owned())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedLeaf {
         leaf,

@@ -334,18 +334,7 @@ mod tests {
                 },
             })
             .collect();
-        let links = link("", &events);
-        let rows = events
-            .into_iter()
-            .zip(links)
-            .enumerate()
-            .map(|(i, (event, link))| StoredEvent {
-                id: i as i64 + 1,
-                event,
-                prev_hash: link.prev_hash,
-                hash: link.hash,
-            })
-            .collect();
+        let rows = crate::audit::chain::stored("", events);
         let d = digest(&Rows(rows), day("2026-02-10"), false).await.unwrap();
         let listed: Vec<(Option<&str>, i64, i64, u64)> = d
             .policies
